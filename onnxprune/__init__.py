@@ -1,0 +1,11 @@
+"""onnxprune: structured pruning of ONNX models, framework-agnostic and post-training."""
+
+from onnxprune.api import PruneReport, PruneResult, analyze, prune, verify
+from onnxprune.errors import InputError, OnnxPruneError, VerificationError
+from onnxprune.plan import Plan
+from onnxprune.verify import VerifyReport
+
+__version__ = "0.1.0"
+
+__all__ = ["analyze", "prune", "verify", "Plan", "PruneResult", "PruneReport", "VerifyReport",
+           "InputError", "OnnxPruneError", "VerificationError", "__version__"]

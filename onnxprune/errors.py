@@ -1,0 +1,17 @@
+"""Exception classes: user-facing problems versus failed verification.
+
+The CLI maps `InputError` to exit code 2 and `VerificationError` to exit code 1; anything else is
+an internal bug and is reported as such (still on one line).
+"""
+
+
+class OnnxPruneError(Exception):
+    """Base class of every error onnxprune raises on purpose."""
+
+
+class InputError(OnnxPruneError):
+    """Bad input or usage: unreadable model, invalid graph, bad option value (exit code 2)."""
+
+
+class VerificationError(OnnxPruneError):
+    """The pruned model does not match the original within the requested tolerance (exit code 1)."""

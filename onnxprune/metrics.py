@@ -1,0 +1,60 @@
+"""Model size figures: parameters, multiply-accumulates (MACs), bytes and op counts.
+
+MACs count the weight layers (Conv, ConvTranspose, Gemm, MatMul, recurrent ops) from inferred
+shapes, with symbolic dims taken as 1 (one sample); element-wise work is not counted, as in the
+usual profilers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune.ir import infer_shapes
+
+
+@dataclass
+class ModelStats:
+    params: int
+    macs: int
+    bytes: int
+    ops: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "bytes": self.bytes, "ops": dict(self.ops)}
+
+
+def _numel(dims) -> int:
+    return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=np.int64))
+
+
+def count(model: onnx.ModelProto) -> ModelStats:
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    params = sum(_numel(d) for d in inits.values())
+    shapes = infer_shapes(model)
+    shape = lambda name: inits.get(name) or (shapes.get(name, (0, None))[1])  # noqa: E731
+    macs = sum(_node_macs(node, shape) for node in model.graph.node)
+    return ModelStats(params, macs, model.ByteSize(), Counter(n.op_type for n in model.graph.node))
+
+
+def _node_macs(node: onnx.NodeProto, shape) -> int:
+    op = node.op_type
+    try:
+        if op in ("Conv", "ConvTranspose"):
+            # Each output (Conv) or input (ConvTranspose) element meets one weight slice w[0].
+            spread = shape(node.output[0]) if op == "Conv" else shape(node.input[0])
+            return _numel(spread) * _numel(shape(node.input[1])[1:])
+        if op in ("Gemm", "MatMul"):
+            a, y = shape(node.input[0]), shape(node.output[0])
+            trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+            return _numel(y) * (k if isinstance(k, int) else 1)
+        if op in ("LSTM", "GRU", "RNN"):
+            w, r, x = shape(node.input[1]), shape(node.input[2]), shape(node.input[0])
+            return _numel(x[:2]) * (_numel(w) + _numel(r))
+    except (TypeError, IndexError, AttributeError):
+        return 0
+    return 0

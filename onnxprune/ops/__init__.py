@@ -1,0 +1,10 @@
+"""Per-op channel rules, one module per op family. Importing this package registers them all.
+
+To support a new op: add a rule class next to its family (or a new family module imported here),
+decorate it with `@register("OpType")`, and add a tiny-graph test in tests/test_ops.py.
+"""
+
+from onnxprune.ops import conv, elementwise, layout, linear, norm, pool  # noqa: F401  (registration)
+from onnxprune.ops.base import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, register
+
+__all__ = ["REGISTRY", "Freeze", "NodeView", "OpRule", "Slot", "Tie", "ValueTable", "register"]

@@ -1,0 +1,233 @@
+"""The contract every op rule follows, and the read-only node view rules see.
+
+A rule is a declaration of channel ties, not a procedure over the graph: asked about one channel
+slot (a tensor and one of its axes) at one node, it returns the element-wise ties from that slot
+to other slots of the same node, or a `Freeze` with the reason it cannot prove removal safe. The
+generic machinery in `onnxprune.passes.dependency` does the traversal and the union-find; the
+rewrite pass calls `update` so a rule can fix the attributes and shape constants it owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from onnxprune.passes.rewrite import Edit
+
+Slot = tuple[str, int]
+"""A channel slot: (tensor name, non-negative axis)."""
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Element `a_idx[k]` of slot `a` must be removed together with element `b_idx[k]` of slot `b`."""
+
+    a: Slot
+    b: Slot
+    a_idx: np.ndarray
+    b_idx: np.ndarray
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """The queried slot cannot be pruned at this node; `reason` is shown by `analyze`."""
+
+    reason: str
+
+
+TieResult = "list[Tie] | Freeze"
+
+
+def identity(a: Slot, b: Slot, n: int) -> Tie:
+    """Tie element i of `a` to element i of `b` for i < n."""
+    idx = np.arange(n, dtype=np.int64)
+    return Tie(a, b, idx, idx)
+
+
+@dataclass
+class NodeView:
+    """What a rule may read about its node: names, attributes, static shapes and constants."""
+
+    node: gs.Node
+    tensors: dict[str, gs.Tensor]
+    opset: int
+    known: "set[Slot] | frozenset[Slot]" = frozenset()
+    """Channel slots discovered so far; lets a rule resolve an ambiguous direction (a reshape that
+    splits one axis into several) the way the rest of the graph already decided."""
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    def attr(self, key: str, default=None):
+        return self.node.attrs.get(key, default)
+
+    def inp(self, i: int) -> str | None:
+        """Name of input i, or None when absent or empty (an omitted optional input)."""
+        if i < len(self.node.inputs) and self.node.inputs[i].name:
+            return self.node.inputs[i].name
+        return None
+
+    def out(self, i: int) -> str | None:
+        if i < len(self.node.outputs) and self.node.outputs[i].name:
+            return self.node.outputs[i].name
+        return None
+
+    @property
+    def inputs(self) -> list[str]:
+        return [t.name for t in self.node.inputs]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [t.name for t in self.node.outputs]
+
+    def shape(self, name: str | None) -> tuple | None:
+        """Dims of a tensor: ints, strings for symbolic dims, None for unknown; None if rank unknown."""
+        if name is None or name not in self.tensors:
+            return None
+        tensor = self.tensors[name]
+        if tensor.shape is None:
+            return None
+        return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) else None)
+                     for d in tensor.shape)
+
+    def rank(self, name: str | None) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def dim(self, slot: Slot) -> int | None:
+        """Static size of the slot's axis, or None."""
+        shape = self.shape(slot[0])
+        if shape is None or slot[1] >= len(shape):
+            return None
+        d = shape[slot[1]]
+        return int(d) if isinstance(d, (int, np.integer)) else None
+
+    def is_const(self, name: str | None) -> bool:
+        return name is not None and isinstance(self.tensors.get(name), gs.Constant)
+
+    def const(self, name: str | None) -> np.ndarray | None:
+        """Value of an initializer input, or None when it is computed at run time."""
+        if not self.is_const(name):
+            return None
+        return np.asarray(self.tensors[name].values)
+
+    def int_list(self, attr: str, input_index: int) -> list[int] | None:
+        """An int list given as attribute (older opsets) or constant input (newer ones)."""
+        if attr in self.node.attrs:
+            return [int(v) for v in self.node.attrs[attr]]
+        name = self.inp(input_index)
+        if name is None:
+            return None
+        value = self.const(name)
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+
+    def where(self) -> str:
+        return f"{self.op} node '{self.name}'"
+
+
+class OpRule:
+    """Base rule: knows nothing, so every slot it is asked about is frozen.
+
+    Subclasses override `ties` (analysis), and where needed `seeds` (weights that define channels),
+    `update` (attributes and shape constants after slicing), `roles` (what each initializer is, for
+    importance), `propagate` (per-channel constants, for lossless removal) and `compensate`
+    (fold removed input channels into a bias).
+    """
+
+    value_preserving = False
+    """True when tied elements carry identical values (pure layout ops such as Concat, Transpose)."""
+
+    def seeds(self, v: NodeView) -> list[Slot]:
+        return []
+
+    def ties(self, v: NodeView, slot: Slot) -> "list[Tie] | Freeze":
+        return Freeze(f"no channel rule for {v.op}")
+
+    def update(self, v: NodeView, edit: "Edit") -> None:
+        return None
+
+    def roles(self, v: NodeView) -> dict[str, str]:
+        return {}
+
+    def propagate(self, v: NodeView, values: "ValueTable") -> None:
+        return None
+
+    def contraction(self, v: NodeView) -> Slot | None:
+        """The input slot this node's weights contract over (where channels leave their group)."""
+        return None
+
+    def compensation_exact(self, v: NodeView, values: np.ndarray) -> bool:
+        """Whether folding constant inputs of these values into a bias reproduces the output exactly."""
+        return True
+
+    def compensate(self, v: NodeView, slot: Slot, removed: np.ndarray, values: np.ndarray, edit: "Edit") -> None:
+        """Fold removed input elements (with the given per-element values) into a bias."""
+        raise TypeError(f"{v.op} has no bias to compensate into")
+
+
+@dataclass
+class ValueTable:
+    """Per-element constant values of channel slots (NaN: not provably constant)."""
+
+    sizes: dict[Slot, int]
+    values: dict[Slot, np.ndarray] = field(default_factory=dict)
+
+    def get(self, slot: Slot) -> np.ndarray | None:
+        if slot not in self.sizes:
+            return None
+        if slot not in self.values:
+            self.values[slot] = np.full(self.sizes[slot], np.nan)
+        return self.values[slot]
+
+    def set(self, slot: Slot, vals: np.ndarray) -> None:
+        if slot in self.sizes and len(vals) == self.sizes[slot]:
+            self.values[slot] = np.asarray(vals, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class RuleKey:
+    op: str
+    domain: str = ""
+
+
+class Registry:
+    """Op type → rule. Registering the same (domain, op, opset range) twice is an error."""
+
+    def __init__(self) -> None:
+        self._rules: dict[RuleKey, list[tuple[int, int, OpRule]]] = {}
+
+    def register(self, *ops: str, domain: str = "", opsets: tuple[int, int] = (1, 10**6)) -> Callable:
+        def decorate(cls: type[OpRule]) -> type[OpRule]:
+            rule = cls()
+            for op in ops:
+                key = RuleKey(op, domain)
+                entries = self._rules.setdefault(key, [])
+                for lo, hi, _ in entries:
+                    if lo <= opsets[1] and opsets[0] <= hi:
+                        raise ValueError(f"op rule for {domain or 'ai.onnx'}::{op} registered twice")
+                entries.append((opsets[0], opsets[1], rule))
+            return cls
+
+        return decorate
+
+    def lookup(self, op: str, domain: str, opset: int) -> OpRule | None:
+        for lo, hi, rule in self._rules.get(RuleKey(op, "" if domain == "ai.onnx" else domain), []):
+            if lo <= opset <= hi:
+                return rule
+        return None
+
+    def ops(self) -> Iterable[str]:
+        return sorted(k.op for k in self._rules)
+
+
+REGISTRY = Registry()
+register = REGISTRY.register

@@ -1,0 +1,1 @@
+"""Graph passes, each one job: dependency analysis, dead-channel detection, rewrite, cleanup."""

@@ -1,0 +1,86 @@
+"""Find channels that are provably constant, for lossless removal.
+
+Constants start where weights make them: a producer whose weight rows for a channel are all zero
+emits its bias there; a BatchNorm with gamma = 0 emits beta. Rules propagate those per-channel
+constants through activations, normalisations, residual adds and layout ops in graph order. A
+channel is removable without changing the outputs when, at every weight layer that consumes it,
+its value is known and folding it into that layer's bias is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.ops import Slot, ValueTable
+from onnxprune.passes.dependency import Analysis, rule_for
+from onnxprune.passes.rewrite import contraction_slots
+
+
+@dataclass
+class DeadChannels:
+    units: dict[int, np.ndarray]
+    """Per group id, the channels that can be removed exactly."""
+    values: dict[Slot, np.ndarray]
+    """Per slot, the constant value of each element (NaN where not constant)."""
+
+
+def constant_values(analysis: Analysis) -> dict[Slot, np.ndarray]:
+    """Per-element constant values of every channel slot, propagated in graph order."""
+    table = ValueTable(dict(analysis.slot_sizes))
+    for node in analysis.graph.nodes:
+        ties = analysis.node_ties.get(node.name)
+        rule = rule_for(node, analysis.opset)
+        if not ties or rule is None:
+            continue
+        if rule.value_preserving:
+            _copy_along_ties(node, ties, table)
+        else:
+            rule.propagate(analysis.view(node), table)
+    return {slot: vals for slot, vals in table.values.items()}
+
+
+def _copy_along_ties(node, ties, table: ValueTable) -> None:
+    inputs = {t.name for t in node.inputs}
+    outputs = {t.name for t in node.outputs}
+    for tie in ties:
+        if tie.a[0] in inputs and tie.b[0] in outputs:
+            src, dst, si, di = tie.a, tie.b, tie.a_idx, tie.b_idx
+        elif tie.b[0] in inputs and tie.a[0] in outputs:
+            src, dst, si, di = tie.b, tie.a, tie.b_idx, tie.a_idx
+        else:
+            continue
+        vals = table.get(src)
+        out = table.get(dst)
+        if vals is not None and out is not None:
+            out[di] = vals[si]
+
+
+def find_dead_channels(analysis: Analysis) -> DeadChannels:
+    """Channels of prunable groups whose removal (with bias folding) is exact."""
+    values = constant_values(analysis)
+    consumers = contraction_slots(analysis)
+    units: dict[int, np.ndarray] = {}
+    for group in analysis.prunable:
+        removable = np.ones(group.size, dtype=bool)
+        for member in group.members:
+            if member.slot not in consumers:
+                continue
+            vals = values.get(member.slot, np.full(analysis.slot_sizes[member.slot], np.nan))[member.elem]
+            known = ~np.isnan(vals)
+            bad_units = member.unit[~known]
+            removable[bad_units] = False
+            for node in consumers[member.slot]:
+                rule, view = rule_for(node, analysis.opset), analysis.view(node)
+                for unit in np.unique(member.unit[known]):
+                    if removable[unit] and not rule.compensation_exact(view, vals[member.unit == unit]):
+                        removable[unit] = False
+        if not any(m.slot in consumers for m in group.members):
+            removable[:] = False  # channels that reach no weight layer: nothing proves them unused
+        dead = np.flatnonzero(removable)
+        if len(dead) == group.size:
+            dead = dead[1:]  # a tensor keeps at least one channel
+        if len(dead):
+            units[group.id] = dead
+    return DeadChannels(units, values)

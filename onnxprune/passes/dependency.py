@@ -1,0 +1,279 @@
+"""Dependency analysis: which channel elements must be removed together.
+
+Starting from the channels that weights define (rule `seeds`), a breadth-first walk asks the rule of
+every producer and consumer of each channel slot for its ties. The ties connect individual
+elements, so concat offsets, flatten blocks, strided NHWC features and shuffles are all the same
+mechanism. A vectorised union-find turns elements into components (one channel each); components
+touching the same set of slots form a `ChannelGroup`, the unit a plan prunes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.ops import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie
+
+
+@dataclass
+class Member:
+    """One slot of a group: element `elem[k]` of the slot belongs to channel `unit[k]`."""
+
+    slot: Slot
+    elem: np.ndarray
+    unit: np.ndarray
+    role: str
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    key: str
+    size: int
+    members: list[Member]
+    producers: list[str]
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size > 1
+
+    def weight_members(self, roles: tuple[str, ...] = ("weight",)) -> list[Member]:
+        return [m for m in self.members if m.role in roles]
+
+
+@dataclass
+class Analysis:
+    """Result of the dependency pass over one graph."""
+
+    graph: gs.Graph
+    opset: int
+    groups: list[ChannelGroup]
+    slot_sizes: dict[Slot, int]
+    node_ties: dict[str, list[Tie]]
+    frozen_slots: dict[Slot, list[str]]
+
+    def view(self, node: gs.Node) -> NodeView:
+        return NodeView(node, self.graph.tensors(), self.opset)
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def exclude(self, patterns: list[str]) -> None:
+        """Freeze groups produced by nodes whose names match any glob in `patterns`."""
+        for group in self.groups:
+            hit = [p for p in group.producers if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+            if hit:
+                group.frozen.append(f"excluded by user ({hit[0]})")
+
+    def summary(self) -> dict:
+        frozen = [g for g in self.groups if g.frozen]
+        return {
+            "groups_total": len(self.groups),
+            "groups_prunable": len(self.prunable),
+            "groups_frozen": [{"group": g.key, "channels": g.size, "reasons": sorted(set(g.frozen))}
+                              for g in frozen],
+        }
+
+
+def rule_for(node: gs.Node, opset: int) -> OpRule | None:
+    return REGISTRY.lookup(node.op, node.domain or "", opset)
+
+
+def analyze_graph(graph: gs.Graph, opset: int) -> Analysis:
+    tensors = graph.tensors()
+    walk = _Walk(graph, tensors, opset)
+    walk.run()
+    sizes = walk.sizes()
+    labels, slots, offsets = _components(sizes, walk.ties)
+    groups = _groups(labels, slots, offsets, sizes, walk)
+    return Analysis(graph, opset, groups, sizes, dict(walk.node_ties), dict(walk.frozen))
+
+
+class _Walk:
+    """Breadth-first discovery of channel slots and their ties."""
+
+    def __init__(self, graph: gs.Graph, tensors: dict[str, gs.Tensor], opset: int) -> None:
+        self.graph, self.tensors, self.opset = graph, tensors, opset
+        self.io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+        self.implicit = _subgraph_reads(graph)
+        self.order: list[Slot] = []
+        self.seen: set[Slot] = set()
+        self.ties: list[Tie] = []
+        self.node_ties: dict[str, list[Tie]] = defaultdict(list)
+        self.frozen: dict[Slot, list[str]] = defaultdict(list)
+        self.seeded_by: dict[Slot, str] = {}
+        self.roles: dict[str, str] = {}
+
+    def run(self) -> None:
+        queue: list[Slot] = []
+        for node in self.graph.nodes:
+            rule = rule_for(node, self.opset)
+            if rule is None:
+                continue
+            view = NodeView(node, self.tensors, self.opset)
+            for slot in rule.seeds(view):
+                self.seeded_by.setdefault(slot, node.name)
+                queue.append(slot)
+            self.roles.update(rule.roles(view))
+        head = 0
+        while head < len(queue):
+            slot = queue[head]
+            head += 1
+            if slot in self.seen:
+                continue
+            self.seen.add(slot)
+            self.order.append(slot)
+            for tie in self._visit(slot):
+                queue.extend((tie.a, tie.b))
+
+    def _visit(self, slot: Slot) -> list[Tie]:
+        name = slot[0]
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            self.frozen[slot].append(f"tensor {name} not found")
+            return []
+        if name in self.io:
+            self.frozen[slot].append(f"{name} is a graph input or output")
+        if name in self.implicit:
+            self.frozen[slot].append(f"{name} is read inside the subgraph of {self.implicit[name]}")
+        found: list[Tie] = []
+        nodes = list(tensor.inputs) + list(tensor.outputs)
+        for node in nodes:
+            rule = rule_for(node, self.opset)
+            where = f"{node.op} '{node.name}'"
+            if rule is None:
+                domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx", None) else ""
+                self.frozen[slot].append(f"{where}: no channel rule for {node.op}{domain}")
+                continue
+            try:
+                result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen), slot)
+            except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
+                result = Freeze(f"rule could not read the node ({type(exc).__name__}: {exc})")
+            if isinstance(result, Freeze):
+                self.frozen[slot].append(f"{where}: {result.reason}")
+                continue
+            for tie in result:
+                self.node_ties[node.name].append(tie)
+            found.extend(result)
+        self.ties.extend(found)
+        return found
+
+    def sizes(self) -> dict[Slot, int]:
+        sizes: dict[Slot, int] = {}
+        extent: dict[Slot, int] = defaultdict(int)
+        for tie in self.ties:
+            if len(tie.a_idx):
+                extent[tie.a] = max(extent[tie.a], int(tie.a_idx.max()) + 1)
+                extent[tie.b] = max(extent[tie.b], int(tie.b_idx.max()) + 1)
+        for slot in self.order:
+            shape = self.tensors[slot[0]].shape if slot[0] in self.tensors else None
+            dim = shape[slot[1]] if shape is not None and slot[1] < len(shape) else None
+            if isinstance(dim, (int, np.integer)) and dim >= extent[slot]:
+                sizes[slot] = int(dim)
+            else:
+                sizes[slot] = extent[slot]
+                self.frozen[slot].append(f"size of axis {slot[1]} of {slot[0]} is unknown")
+        return sizes
+
+
+def _subgraph_reads(graph: gs.Graph) -> dict[str, str]:
+    """Outer-scope tensor names read inside If/Loop/Scan bodies, mapped to the reading node."""
+    reads: dict[str, str] = {}
+
+    def visit(sub: gs.Graph, owner: str) -> None:
+        for node in sub.nodes:
+            for t in node.inputs:
+                reads.setdefault(t.name, owner)
+            for attr in node.attrs.values():
+                if isinstance(attr, gs.Graph):
+                    visit(attr, owner)
+
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                visit(attr, f"{node.op} '{node.name}'")
+    return reads
+
+
+def _components(sizes: dict[Slot, int], ties: list[Tie]):
+    """Union-find over all channel elements; returns (label per element, slots, offsets)."""
+    slots = list(sizes)
+    offsets = {}
+    total = 0
+    for slot in slots:
+        offsets[slot] = total
+        total += sizes[slot]
+    if ties:
+        u = np.concatenate([t.a_idx + offsets[t.a] for t in ties]).astype(np.int64)
+        v = np.concatenate([t.b_idx + offsets[t.b] for t in ties]).astype(np.int64)
+    else:
+        u = v = np.zeros(0, dtype=np.int64)
+    return connected_components(total, u, v), slots, offsets
+
+
+def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Label each of n nodes with the smallest node id of its component (hook and compress)."""
+    label = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return label
+    while True:
+        lu, lv = label[u], label[v]
+        low = np.minimum(lu, lv)
+        new = label.copy()
+        np.minimum.at(new, lu, low)
+        np.minimum.at(new, lv, low)
+        while True:
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], sizes: dict[Slot, int],
+            walk: _Walk) -> list[ChannelGroup]:
+    slot_id = np.repeat(np.arange(len(slots)), [sizes[s] for s in slots])
+    n_slots = max(len(slots), 1)
+    pairs = np.unique(labels * n_slots + slot_id)
+    comp, comp_slot = pairs // n_slots, pairs % n_slots
+    starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
+    by_signature: dict[tuple, list[int]] = defaultdict(list)
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(comp)
+        by_signature[tuple(comp_slot[start:end])].append(int(comp[start]))
+    group_of = np.full(len(labels), -1, dtype=np.int64)
+    unit_of = np.full(len(labels), -1, dtype=np.int64)
+    signatures = sorted(by_signature, key=lambda sig: min(by_signature[sig]))
+    for gid, sig in enumerate(signatures):
+        comps = np.array(sorted(by_signature[sig]), dtype=np.int64)
+        group_of[comps] = gid
+        unit_of[comps] = np.arange(len(comps))
+    members: dict[int, list[Member]] = defaultdict(list)
+    for slot in slots:
+        lab = labels[offsets[slot]:offsets[slot] + sizes[slot]]
+        gids, units = group_of[lab], unit_of[lab]
+        order = np.argsort(gids, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, gids[order][1:] != gids[order][:-1]])
+        for k, start in enumerate(bounds):
+            end = bounds[k + 1] if k + 1 < len(bounds) else len(order)
+            sel = order[start:end]
+            role = walk.roles.get(slot[0], "activation" if not isinstance(walk.tensors.get(slot[0]), gs.Constant) else "param")
+            members[int(gids[sel[0]])].append(Member(slot, sel.astype(np.int64), units[sel], role))
+    groups = []
+    for gid, sig in enumerate(signatures):
+        group_members = members[gid]
+        anchor = slots[sig[0]]
+        first = int(min(m.elem.min() for m in group_members if m.slot == anchor))
+        key = f"{anchor[0]}:{anchor[1]}" + (f"@{first}" if first else "")
+        frozen = sorted({r for m in group_members for r in walk.frozen.get(m.slot, [])})
+        producers = sorted({walk.seeded_by[m.slot] for m in group_members if m.slot in walk.seeded_by})
+        groups.append(ChannelGroup(gid, key, len(by_signature[sig]), group_members, producers, frozen))
+    return groups

@@ -1,0 +1,136 @@
+"""Plans: which channels of which group to remove. A plan is data: saved to JSON and replayed."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import InputError
+from onnxprune.passes.dependency import Analysis
+
+PLAN_FORMAT = "onnxprune-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class GroupPlan:
+    key: str
+    size: int
+    remove: list[int]
+
+
+@dataclass
+class Plan:
+    groups: list[GroupPlan] = field(default_factory=list)
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(len(g.remove) for g in self.groups)
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION,
+                "groups": [{"key": g.key, "size": g.size, "remove": list(g.remove)} for g in self.groups]}
+
+    def save(self, path: "str | Path") -> None:
+        from onnxprune.ir import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise InputError("plan file is not an onnxprune plan (missing format field)")
+        if data.get("version") != PLAN_VERSION:
+            raise InputError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
+        try:
+            groups = [GroupPlan(str(g["key"]), int(g["size"]), sorted(int(i) for i in g["remove"]))
+                      for g in data["groups"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputError("plan file has a malformed group entry") from None
+        return cls(groups)
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read plan ({exc})") from None
+        return cls.from_json(data)
+
+    def resolve(self, analysis: Analysis) -> dict[int, np.ndarray]:
+        """Map the plan onto an analysis: {group id: removed units}. Mismatches are errors."""
+        by_key = {g.key: g for g in analysis.groups}
+        resolved = {}
+        for entry in self.groups:
+            group = by_key.get(entry.key)
+            if group is None:
+                raise InputError(f"plan group {entry.key} does not exist in this model")
+            if group.size != entry.size:
+                raise InputError(f"plan group {entry.key} has {entry.size} channels, the model has {group.size}")
+            if not entry.remove:
+                continue
+            if group.frozen:
+                raise InputError(f"plan prunes group {entry.key}, which is frozen: {group.frozen[0]}")
+            remove = np.array(entry.remove, dtype=np.int64)
+            if remove.min() < 0 or remove.max() >= group.size or len(set(entry.remove)) == group.size:
+                raise InputError(f"plan group {entry.key}: channel indices out of range or nothing kept")
+            resolved[group.id] = remove
+        return resolved
+
+
+def keep_count(size: int, ratio: float, round_to: int = 1, min_keep: int = 1) -> int:
+    """Channels to keep when removing `ratio` of `size`, as a multiple of `round_to` where possible."""
+    keep = max(min_keep, size - int(math.floor(size * ratio + 1e-9)))
+    if round_to > 1 and size > round_to:
+        keep = min(size, max(round_to, int(math.ceil(keep / round_to)) * round_to))
+    return min(size, keep)
+
+
+def _lowest(scores: np.ndarray, count: int) -> list[int]:
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:count])
+
+
+def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
+    """Remove the same fraction of every prunable group."""
+    _check_ratio(ratio)
+    plan = Plan()
+    for group in analysis.prunable:
+        keep = keep_count(group.size, ratio, round_to)
+        plan.groups.append(GroupPlan(group.key, group.size, _lowest(scores[group.id], group.size - keep)))
+    return plan
+
+
+def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
+                max_ratio: float = 0.9) -> Plan:
+    """Remove `ratio` of all prunable channels, lowest normalised score first, across groups."""
+    _check_ratio(ratio)
+    groups = analysis.prunable
+    if not groups:
+        return Plan()
+    normed = [scores[g.id] / (scores[g.id].mean() or 1.0) for g in groups]
+    owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(groups)])
+    flat = np.concatenate(normed)
+    budget = int(math.floor(len(flat) * ratio + 1e-9))
+    caps = [group.size - keep_count(group.size, max_ratio) for group in groups]
+    removed = [0] * len(groups)
+    for idx in np.argsort(flat, kind="stable"):
+        if budget <= 0:
+            break
+        k = owner[idx]
+        if removed[k] < caps[k]:
+            removed[k] += 1
+            budget -= 1
+    plan = Plan()
+    for k, group in enumerate(groups):
+        keep = keep_count(group.size, removed[k] / group.size, round_to)
+        plan.groups.append(GroupPlan(group.key, group.size, _lowest(scores[group.id], group.size - keep)))
+    return plan
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise InputError(f"ratio must be in [0, 1), got {ratio}")
