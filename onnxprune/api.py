@@ -133,11 +133,12 @@ def prune(
             report.verify = compare(original, pruned, feeds, tol_a, tol_r)
         if bench:
             report.latency = benchmark(original, pruned, feeds[0])
-        if verify and not report.verify.passed:
-            raise VerificationError(
-                f"pruned model differs from the original: max abs diff {report.verify.max_abs_diff:.3g} "
-                f"(atol {tol_a:g}, rtol {tol_r:g})")
-    return PruneResult(pruned, chosen, report)
+    result = PruneResult(pruned, chosen, report)
+    if report.verify is not None and not report.verify.passed:
+        raise VerificationError(
+            f"pruned model differs from the original: max abs diff {report.verify.max_abs_diff:.3g} "
+            f"(atol {report.verify.atol:g}, rtol {report.verify.rtol:g})", result)
+    return result
 
 
 def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, plan, seed):

@@ -87,10 +87,17 @@ def _cmd_prune(args) -> int:
 
     if _same_file(args.model, args.output):
         raise InputError(f"{args.output}: output would overwrite the input model")
-    result = prune(args.model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
-                   round_to=args.round_to, exclude=args.exclude, lossless=args.lossless, plan=args.plan,
-                   seed=args.seed, verify=args.verify, data=args.data, atol=args.atol, rtol=args.rtol,
-                   bench=args.bench)
+    try:
+        result = prune(args.model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
+                       round_to=args.round_to, exclude=args.exclude, lossless=args.lossless, plan=args.plan,
+                       seed=args.seed, verify=args.verify, data=args.data, atol=args.atol, rtol=args.rtol,
+                       bench=args.bench)
+    except VerificationError as exc:
+        if exc.result is not None:
+            print(table(exc.result.report))
+            if args.report:
+                atomic_write_text(Path(args.report), json.dumps(exc.result.report.to_dict(), indent=1))
+        raise
     result.save(args.output, external_data=args.save_external_data)
     if args.save_plan:
         result.plan.save(args.save_plan)

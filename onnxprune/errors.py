@@ -14,4 +14,12 @@ class InputError(OnnxPruneError):
 
 
 class VerificationError(OnnxPruneError):
-    """The pruned model does not match the original within the requested tolerance (exit code 1)."""
+    """The pruned model does not match the original within the requested tolerance (exit code 1).
+
+    `result` carries the failed run (model, plan, report) when there is one, so callers can still
+    inspect or log the figures.
+    """
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -62,10 +62,15 @@ class GraphBuilder:
     def gemm(self, x: str, k: int, n: int) -> str:
         return self.op("Gemm", [x, self.weight([n, k]), self.weight([n], "b")], transB=1)
 
-    def model(self, check: bool = True) -> onnx.ModelProto:
+    def model(self, check: bool = True, domains: dict[str, int] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "test", self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
+        if any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            for out, inf in zip(model.graph.output, inferred.graph.output):
+                out.CopyFrom(inf)
         if check:
             onnx.checker.check_model(model, full_check=True)
         return model
