@@ -134,8 +134,10 @@ def rewrite(analysis: Analysis, units: dict[int, np.ndarray], values: dict[Slot,
     """
     removed = removed_elements(analysis, units)
     edit = Edit(analysis, removed)
-    _update_nodes(analysis, edit)
+    # Compensation reads the consumers' original weights and attributes (e.g. a depthwise Conv's
+    # `group`), so it runs before any node is updated.
     compensated, inexact = _compensate(analysis, edit, values) if values else (0, [])
+    _update_nodes(analysis, edit)
     sliced = _slice_initializers(analysis, edit)
     _clear_shapes(analysis.graph)
     return RewriteResult(sum(len(u) for u in units.values()), sliced, compensated, inexact)
