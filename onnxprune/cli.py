@@ -80,6 +80,20 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def prune_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `onnxprune.prune` taken from parsed flags.
+
+    A `prune` flag's dest is the keyword's name, so adding an option means adding one
+    `add_argument` and one keyword; config files use the same names.
+    """
+    import inspect
+
+    from onnxprune.api import prune
+
+    names = [n for n, p in inspect.signature(prune).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
 def _cmd_prune(args) -> int:
     from onnxprune.api import prune
     from onnxprune.ir import atomic_write_text
@@ -88,10 +102,7 @@ def _cmd_prune(args) -> int:
     if _same_file(args.model, args.output):
         raise InputError(f"{args.output}: output would overwrite the input model")
     try:
-        result = prune(args.model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
-                       round_to=args.round_to, exclude=args.exclude, lossless=args.lossless, plan=args.plan,
-                       seed=args.seed, verify=args.verify, data=args.data, atol=args.atol, rtol=args.rtol,
-                       bench=args.bench)
+        result = prune(args.model, **prune_kwargs(args))
     except VerificationError as exc:
         if exc.result is not None:
             print(table(exc.result.report))
