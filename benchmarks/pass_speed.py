@@ -1,122 +1,242 @@
-"""Pass speed: onnxprune's load → analyze → plan → rewrite → save against a plain onnx.load +
-onnx.save of the same file, in one run (ratios, not absolute times, are the figure to quote).
+"""Pass speed and memory: onnxprune's load -> analyze -> plan -> rewrite -> save against a plain
+`onnx.load` + `onnx.save` of the same file, against onnxsim's structured pruning (the ONNX-level
+peer) and Torch-Pruning's dependency graph + prune of the same torch model, all in one run.
 
-    python benchmarks/pass_speed.py                 # exports torchvision ResNet-50 (random init)
-    python benchmarks/pass_speed.py model.onnx ...  # any models
+    python benchmarks/pass_speed.py                       # torchvision ResNet-50 and BERT-base
+    python benchmarks/pass_speed.py --models resnet50 --repeat 5
+    python benchmarks/pass_speed.py --cache DIR           # keep/reuse the exports in DIR
+    python benchmarks/pass_speed.py model.onnx ...        # any ONNX files (no torch comparison)
 
-Prints one row per model: load+save seconds, onnxprune seconds per phase, their ratio, and the
-peak RSS the prune run adds (over the process after imports) relative to the model's weight
-bytes, measured in a fresh process.
+Timings interleave the compared operations and report medians, so machine noise hits all alike;
+quote the ratios, not the seconds. Peak RSS is measured in a fresh process running the CLI
+(`ru_maxrss` at the end minus the same figure after imports) and divided by the weight bytes.
+The analysis-scaling row times the dependency analysis of a synthetic CNN at two depths (10x).
+Models are random-init exports (legacy TorchScript exporter, opset 17); nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
+RATIO = 0.5
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import onnx, onnxruntime, numpy
-from onnxprune.api import prune
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t0 = time.perf_counter()
-r = prune(sys.argv[1], ratio=0.5)
-r.save(sys.argv[2])
-elapsed = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": elapsed, "peak_rss": peak - base}))
+from onnxprune.cli import main
+def status(key):  # bytes; ru_maxrss would carry the parent's peak over fork + exec
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+code = main(sys.argv[1:])
+peak = status("VmHWM")
+print(json.dumps({"code": code, "peak": peak, "base": base}))
 """
 
 
-def export_resnet50(directory: Path) -> Path:
+def export(name: str, directory: Path) -> Path:
+    """Export a random-init torch model once (cached in `directory`)."""
+    path = directory / f"{name}.onnx"
+    if path.exists():
+        return path
     import torch
-    import torchvision
 
-    path = directory / "resnet50.onnx"
-    model = torchvision.models.resnet50(weights=None).eval()
-    torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), dynamo=False, opset_version=17)
+    model, args, names = torch_model(name)
+    torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=names)
     return path
 
 
-def time_load_save(path: Path, out: Path, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        onnx.save(onnx.load(str(path)), str(out))
-        best = min(best, time.perf_counter() - start)
-    return best
+def torch_model(name: str):
+    """(module, example args, input names) for the named architecture, random weights."""
+    import torch
 
+    torch.manual_seed(0)
+    if name == "resnet50":
+        import torchvision
 
-def time_phases(path: Path, out: Path) -> dict[str, float]:
-    """Phase times of one in-process run (after a warm-up run that imports everything)."""
-    from onnxprune.importance import score_groups
-    from onnxprune.ir import ModelMeta, from_graph, load_model, opset_version, save_model, to_graph
-    from onnxprune.passes.dependency import analyze_graph
-    from onnxprune.passes.rewrite import attach_inferred_shapes, rewrite
-    from onnxprune.plan import uniform_plan
+        return torchvision.models.resnet50(weights=None).eval(), (torch.randn(1, 3, 224, 224),), ["input"]
+    if name == "mobilenet_v2":
+        import torchvision
 
-    phases: dict[str, float] = {}
-    t = time.perf_counter()
-    model = load_model(path)
-    meta = ModelMeta.of(model)
-    graph = to_graph(model)
-    phases["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    analysis = analyze_graph(graph, opset_version(model))
-    phases["analyze"] = time.perf_counter() - t
-    t = time.perf_counter()
-    units = uniform_plan(analysis, score_groups(analysis, "l1"), 0.5).resolve(analysis)
-    phases["plan"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rewrite(analysis, units)
-    graph.cleanup().toposort()
-    pruned = from_graph(graph, meta)
-    attach_inferred_shapes(pruned)
-    phases["rewrite"] = time.perf_counter() - t
-    t = time.perf_counter()
-    save_model(pruned, out)
-    phases["save"] = time.perf_counter() - t
-    phases["total"] = sum(phases.values())
-    return phases
+        return torchvision.models.mobilenet_v2(weights=None).eval(), (torch.randn(1, 3, 224, 224),), ["input"]
+    if name == "bert":
+        from transformers import BertConfig, BertModel
+
+        class Bert(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = BertModel(BertConfig()).eval()
+
+            def forward(self, input_ids, attention_mask):
+                out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)
+                return out[0], out[1]
+
+        ids = torch.ones(1, 128, dtype=torch.long)
+        return Bert().eval(), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
+    raise SystemExit(f"unknown model {name!r} (resnet50, mobilenet_v2, bert)")
 
 
 def weight_bytes(path: Path) -> int:
-    model = onnx.load(str(path))
-    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    from onnxprune.ir import load_model
+
+    return sum(len(t.raw_data) for t in load_model(path).graph.initializer)
 
 
-def measure(path: Path) -> dict:
+def interleaved(jobs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median seconds of each job, the jobs taking turns so that noise hits all of them."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeat):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def onnxsim_job(path: Path, out: Path) -> Callable[[], object] | None:
+    try:
+        from onnxsim import apply_structured_pruning
+    except ImportError:
+        return None
+    return lambda: onnx.save(apply_structured_pruning(str(path), sparsity=RATIO), str(out))
+
+
+def torch_pruning_seconds(name: str, repeat: int) -> float | str:
+    """Median seconds of Torch-Pruning's DependencyGraph build + magnitude prune at RATIO."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return "not installed"
+    runs = []
+    for _ in range(repeat):
+        model, args, _ = torch_model(name)
+        ignored = [model.fc] if name == "resnet50" else [model.bert.pooler]
+        start = time.perf_counter()
+        try:
+            pruner = tp.pruner.MagnitudePruner(model, args, importance=tp.importance.MagnitudeImportance(p=1),
+                                               pruning_ratio=RATIO, ignored_layers=ignored)
+            pruner.step()
+        except Exception as exc:  # noqa: BLE001 - report the peer's failure, do not hide our figures
+            return f"failed ({type(exc).__name__})"
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def peak_rss(path: Path, out: Path) -> tuple[int, int]:
+    done = subprocess.run([sys.executable, "-c", _CHILD, "prune", str(path), "-o", str(out), "--ratio", str(RATIO)],
+                          capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"prune of {path} failed: {done.stderr.strip()[-1000:]}")
+    figures = json.loads(lines[-1])
+    return figures["peak"], figures["base"]
+
+
+def measure(path: Path, torch_name: str | None, repeat: int) -> dict:
+    from onnxprune.api import prune
+
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.onnx"
-        baseline = time_load_save(path, out)
-        time_phases(path, out)  # warm-up: imports and caches
-        phases = min((time_phases(path, out) for _ in range(3)), key=lambda p: p["total"])
-        child = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(out)], capture_output=True, text=True,
-                               check=True)
-        rss = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss"]
-    return {"model": path.name, "load_save_s": baseline, **{f"{k}_s": v for k, v in phases.items()},
-            "ratio": phases["total"] / baseline, "peak_rss_over_weights": rss / weight_bytes(path)}
+        out = Path(tmp)
+        jobs = {"load_save": lambda: onnx.save(onnx.load(str(path)), str(out / "plain.onnx")),
+                "onnxprune": lambda: prune(str(path), ratio=RATIO).save(out / "pruned.onnx")}
+        peer = onnxsim_job(path, out / "onnxsim.onnx")
+        if peer is not None:
+            jobs["onnxsim"] = peer
+        prune(str(path), ratio=RATIO)  # warm-up: lazy imports
+        seconds = interleaved(jobs, repeat)
+        peak, base = peak_rss(path, out / "child.onnx")
+    weights = weight_bytes(path)
+    row = {"model": path.stem, "weights_MiB": weights / 2**20, **{f"{k}_s": v for k, v in seconds.items()},
+           "ratio_to_load_save": seconds["onnxprune"] / seconds["load_save"],
+           "peak_rss_MiB": (peak - base) / 2**20, "peak_rss_over_weights": (peak - base) / weights}
+    row["onnxsim"] = (f"{seconds['onnxsim'] / seconds['onnxprune']:.2f}x our time" if "onnxsim" in seconds
+                      else "onnxsim has no apply_structured_pruning")
+    if torch_name is not None:
+        tp_seconds = torch_pruning_seconds(torch_name, max(1, repeat // 2))
+        row["torch_pruning"] = (f"{tp_seconds:.2f} s = {tp_seconds / seconds['onnxprune']:.2f}x our time"
+                                if isinstance(tp_seconds, float) else tp_seconds)
+    return row
+
+
+def deep_cnn(blocks: int, width: int = 16) -> onnx.ModelProto:
+    """conv-bn-relu x blocks on a 8x8 map: the node count grows linearly with `blocks`."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def const(array: np.ndarray, name: str) -> str:
+        inits.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    h = "x"
+    for i in range(blocks):
+        w = const(rng.standard_normal([width, width, 3, 3]), f"w{i}")
+        nodes.append(helper.make_node("Conv", [h, w], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        bn = [const(rng.random(width) + 0.5, f"{p}{i}") for p in ("g", "b", "m", "v")]
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", *bn], [f"n{i}"], name=f"bn{i}"))
+        nodes.append(helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"))
+        h = f"r{i}"
+    w = const(rng.standard_normal([4, width, 1, 1]), "head")
+    nodes.append(helper.make_node("Conv", [h, w], ["y"], name="head"))
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", 1, [1, width, 8, 8])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def analysis_scaling(depth: int = 50, repeat: int = 3) -> tuple[float, float]:
+    """Median analysis seconds at `depth` and 10 x `depth` blocks."""
+    from onnxprune.ir import opset_version
+    from onnxprune.passes.dependency import analyze_graph
+    from onnxprune.passes.fold_constants import folded_graph
+
+    models = {n: deep_cnn(n) for n in (depth, 10 * depth)}
+    graphs = {n: [folded_graph(m) for _ in range(repeat)] for n, m in models.items()}
+    times: dict[int, list[float]] = {n: [] for n in models}
+    for k in range(repeat):
+        for n in models:
+            start = time.perf_counter()
+            analyze_graph(graphs[n][k], opset_version(models[n]))
+            times[n].append(time.perf_counter() - start)
+    return statistics.median(times[depth]), statistics.median(times[10 * depth])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", type=Path)
+    parser.add_argument("files", nargs="*", type=Path, help="ONNX files (default: export --models)")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "bert"])
+    parser.add_argument("--cache", type=Path, help="directory for the exports (default: temporary)")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        models = args.models or [export_resnet50(Path(tmp))]
-        rows = [measure(m) for m in models]
-    cols = ["model", "load_save_s", "load_s", "analyze_s", "plan_s", "rewrite_s", "save_s", "total_s", "ratio",
-            "peak_rss_over_weights"]
+        cache = args.cache or Path(tmp)
+        cache.mkdir(parents=True, exist_ok=True)
+        todo = [(f, None) for f in args.files] or [(export(name, cache), name) for name in args.models]
+        rows = [measure(path, name, args.repeat) for path, name in todo]
+    cols = ["model", "weights_MiB", "load_save_s", "onnxprune_s", "ratio_to_load_save", "onnxsim_s",
+            "peak_rss_MiB", "peak_rss_over_weights", "onnxsim", "torch_pruning"]
+    print(f"ratio {RATIO}, medians of {args.repeat} interleaved runs")
     print(" | ".join(cols))
     for row in rows:
-        print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+        print(" | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols))
+    small, large = analysis_scaling()
+    print(f"analysis scaling: 50 blocks {small * 1e3:.1f} ms, 500 blocks {large * 1e3:.1f} ms: "
+          f"{large / small:.1f}x for 10x the nodes")
 
 
 if __name__ == "__main__":

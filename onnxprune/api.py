@@ -6,34 +6,45 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 import numpy as np
 import onnx
 
+from onnxprune.calibration import Calibration
 from onnxprune.errors import InputError, VerificationError
+from onnxprune.heads import freeze_hidden, with_head_ratio
 from onnxprune.importance import Criterion, score_groups
-from onnxprune.ir import ModelMeta, from_graph, load_model, opset_version, save_model, to_graph
+from onnxprune.ir import ModelMeta, check_model, from_graph, load_model, opset_version, save_model, to_graph
 from onnxprune.metrics import ModelStats, count
 from onnxprune.passes.dead_channels import find_dead_channels
 from onnxprune.passes.dependency import Analysis, analyze_graph
+from onnxprune.passes.fold_constants import folded_graph
 from onnxprune.passes.rewrite import attach_inferred_shapes, rewrite
 from onnxprune.plan import Plan, global_plan, uniform_plan
+from onnxprune.validate import check_shapes_fit
 from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyReport, benchmark, compare,
                               random_inputs)
+
+if TYPE_CHECKING:
+    from onnxprune.passes.stats import Statistics
+    from onnxprune.quantize import ModelFigures
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 REPORT_VERSION = 1
 LOSSLESS_TOL = 1e-5
 
 
-def analyze(model: "str | os.PathLike[str] | onnx.ModelProto", exclude: Iterable[str] = ()) -> Analysis:
+def analyze(model: "str | os.PathLike[str] | onnx.ModelProto", exclude: Iterable[str] = (),
+            prune_hidden: bool = False) -> Analysis:
     """Dependency analysis: channel groups, which are prunable, and why the others are frozen."""
     proto = load_model(model)
-    _check_graph(proto)
-    analysis = analyze_graph(to_graph(proto), opset_version(proto))
+    _check_graph(proto, _label(model))
+    analysis = analyze_graph(folded_graph(proto), opset_version(proto))
     if exclude:
         analysis.exclude(list(exclude))
+    if not prune_hidden:
+        freeze_hidden(analysis)
     return analysis
 
 
@@ -49,6 +60,11 @@ class PruneReport:
     verify: VerifyReport | None = None
     latency: LatencyReport | None = None
     notes: list[str] = field(default_factory=list)
+    quantize: str | None = None
+    models: "dict[str, ModelFigures]" = field(default_factory=dict)
+    """Side-by-side figures (original, pruned, quantized) when quantizing or given eval data."""
+    layers: list[dict] = field(default_factory=list)
+    """Per channel group: key, producers, channels, removed, frozen reasons (charts, dashboards)."""
 
     def to_dict(self) -> dict:
         out = {
@@ -67,6 +83,11 @@ class PruneReport:
             out["verify"] = self.verify.to_dict()
         if self.latency is not None:
             out["latency_ms"] = self.latency.to_dict()
+        if self.quantize is not None:
+            out["quantize"] = self.quantize
+        if self.models:
+            out["models"] = {name: figures.to_dict() for name, figures in self.models.items()}
+        out["layers"] = self.layers
         return out
 
 
@@ -75,9 +96,17 @@ class PruneResult:
     model: onnx.ModelProto
     plan: Plan
     report: PruneReport
+    quantized: onnx.ModelProto | None = None
+    """The pruned model after ONNX Runtime quantization, when `quantize` was given."""
 
     def save(self, path: "str | os.PathLike[str]", external_data: "bool | str" = False) -> None:
         save_model(self.model, path, external_data)
+
+    def save_quantized(self, path: "str | os.PathLike[str]", external_data: "bool | str" = False) -> None:
+        """Write the quantized model; only after `prune(..., quantize=...)`."""
+        if self.quantized is None:
+            raise InputError("no quantized model: prune was called without quantize='dynamic' or 'static'")
+        save_model(self.quantized, path, external_data)
 
 
 def prune(
@@ -86,7 +115,7 @@ def prune(
     ratio: float = 0.5,
     criterion: "str | Criterion" = "l1",
     scope: Literal["local", "global"] = "local",
-    round_to: int = 1,
+    round_to: "int | Literal['auto']" = 1,
     exclude: Iterable[str] = (),
     lossless: bool = False,
     plan: "Plan | str | os.PathLike[str] | None" = None,
@@ -96,33 +125,89 @@ def prune(
     atol: float | None = None,
     rtol: float | None = None,
     bench: bool = False,
+    target_latency: float | None = None,
+    latency_table: "str | os.PathLike[str] | None" = None,
+    quantize: Literal["dynamic", "static"] | None = None,
+    eval_data: "str | os.PathLike[str] | dict[str, np.ndarray] | None" = None,
+    labels: str = "label",
+    stats: "Statistics | str | os.PathLike[str] | None" = None,
+    gradients: "str | os.PathLike[str] | dict[str, np.ndarray] | None" = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    max_ratio: float = 0.9,
+    recover: Literal["none", "bias", "lstsq", "lstsq-seq"] | None = None,
+    quiet: bool = False,
+    head_ratio: float | None = None,
+    prune_hidden: bool = False,
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
     `lossless` removes only channels proven constant (outputs unchanged); otherwise `ratio` of each
     group (scope 'local') or of all channels (scope 'global') is removed, lowest `criterion` score
     first. A saved `plan` replays an earlier run exactly. With `verify`, a failed comparison raises
-    `VerificationError`.
+    `VerificationError`. `quantize` hands the pruned model to ONNX Runtime's quantizer (static
+    calibrates on `data`); with it or `eval_data` (inputs plus a `labels` array) the report compares
+    original, pruned and quantized side by side (`report.models`).
+
+    Data-driven pruning: `data` (any form `onnxprune.data` reads) or saved `stats` feed the
+    activation/apoz/wanda criteria, `plan="auto"` and recovery; `gradients` feed taylor.
+    `target_macs` / `target_params` (fractions to keep) replace `ratio` with a global ranking, no
+    group losing more than `max_ratio`. `recover` (default: bias when data or stats are given)
+    compensates removed channels in the next layer's bias or re-fits it by least squares.
+    `head_ratio` gives attention-head groups their own ratio; `prune_hidden` lets the hidden size
+    of transformers (the residual stream) be pruned too, which is lossy (`onnxprune.heads`).
     """
-    if round_to < 1:
-        raise InputError(f"round_to must be >= 1, got {round_to}")
+    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
+    if round_to == "auto" and (target_macs is not None or target_params is not None or plan == "auto"):
+        raise InputError("round_to 'auto' combines with ratio or target_latency, not with MACs/params targets")
     if scope not in ("local", "global"):
         raise InputError(f"scope must be 'local' or 'global', got {scope!r}")
     original = load_model(model)
-    _check_graph(original)
+    _check_graph(original, _label(model))
     meta = ModelMeta.of(original)
-    analysis = analyze_graph(to_graph(original), opset_version(original))
+    analysis = analyze_graph(folded_graph(original), opset_version(original))
     if exclude:
         analysis.exclude(list(exclude))
+    if not prune_hidden:
+        freeze_hidden(analysis)
+    if lossless:
+        analysis.freeze_lossy()
     summary = analysis.summary()
-    units, values, chosen = _choose(analysis, ratio, criterion, scope, round_to, lossless, plan, seed)
+    calib = Calibration.prepare(original, analysis, data=data, stats=stats, gradients=gradients, criterion=criterion,
+                                recover="none" if lossless else recover, auto_plan=plan == "auto", quiet=quiet)
+    latency_notes: list[str] = []
+    if not lossless and plan is None and (round_to == "auto" or target_latency is not None):
+        units, values, chosen = _choose_for_latency(original, analysis, calib, ratio, criterion, scope, seed, round_to,
+                                                    target_latency, latency_table, max_ratio, latency_notes)
+    elif not lossless and (plan == "auto" or target_macs is not None or target_params is not None):
+        units, values, chosen = _choose_for_target(original, analysis, calib, criterion, plan, target_macs,
+                                                   target_params, max_ratio, round_to, data, labels, seed, quiet)
+    else:
+        units, values, chosen = _choose(analysis, ratio, criterion, scope, round_to, lossless, plan, seed, calib,
+                                        head_ratio)
+    values, fits = calib.recovery(analysis, units, values)
     result = rewrite(analysis, units, values)
+    calib.apply(analysis.graph, original, fits)
     analysis.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    pruned = from_graph(analysis.graph, meta)
+    before = count(original)
+    # A model read from a file is ours: the export reuses its proto so weights are never held twice.
+    # Steps that need the original afterwards (verify, bench, quantize) get the copying export.
+    reuse = not isinstance(model, onnx.ModelProto) and not (verify or bench or quantize or eval_data is not None)
+    pruned = from_graph(analysis.graph, meta, into=original if reuse else None)
+    if reuse:
+        original = None  # its storage now holds the pruned model
     attach_inferred_shapes(pruned)
-    _check_output(pruned)
-    report = PruneReport(count(original), count(pruned), summary, sum(1 for u in units.values() if len(u)),
+    try:
+        _check_output(pruned)
+    except VerificationError:  # an input whose shapes never fitted is refused, not reported as our bug
+        check_shapes_fit(original if original is not None else load_model(model), _label(model))
+        raise
+    report = PruneReport(before, count(pruned), summary, sum(1 for u in units.values() if len(u)),
                          result.removed_channels)
+    report.layers = _layers(analysis, units)
+    report.notes.extend(calib.notes)
+    report.notes.extend(latency_notes)
     if result.inexact_nodes:
         report.notes.append(f"bias compensation is approximate at {len(result.inexact_nodes)} padded consumers")
     if verify or bench:
@@ -131,9 +216,16 @@ def prune(
         feeds = load_feeds(data, original, seed)
         if verify:
             report.verify = compare(original, pruned, feeds, tol_a, tol_r)
-        if bench:
+        if bench and quantize is None and eval_data is None:
             report.latency = benchmark(original, pruned, feeds[0])
-    result = PruneResult(pruned, chosen, report)
+    quantized = None
+    if quantize is not None or eval_data is not None:
+        from onnxprune.quantize import hand_off
+
+        read = feeds if verify or bench else load_feeds(data, original, seed)  # read one-shot sources once
+        quantized, report.models, latency = hand_off(original, pruned, quantize, data, read, eval_data, labels, bench)
+        report.quantize, report.latency = quantize, latency or report.latency
+    result = PruneResult(pruned, chosen, report, quantized)
     if report.verify is not None and not report.verify.passed:
         raise VerificationError(
             f"pruned model differs from the original: max abs diff {report.verify.max_abs_diff:.3g} "
@@ -141,7 +233,50 @@ def prune(
     return result
 
 
-def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, plan, seed):
+def _layers(analysis: Analysis, units: dict[int, np.ndarray]) -> list[dict]:
+    """Per-group channels kept and removed, in analysis order: the report's per-layer view."""
+    return [{"group": g.key, "producers": list(g.producers), "channels": g.size,
+             "removed": int(len(units.get(g.id, ()))), "frozen": sorted(set(g.frozen))} for g in analysis.groups]
+
+
+def _choose_for_latency(original, analysis: Analysis, calib: Calibration, ratio, criterion, scope, seed, round_to,
+                        target_latency, latency_table, max_ratio, notes: list[str]):
+    """Removed units planned on measured latency: a latency target, or ratio plans whose counts
+    are moved to the top of their latency step (`round_to='auto'`)."""
+    from onnxprune.latency import latency_plan, round_plan, table_for
+
+    table = table_for(original, analysis, latency_table)
+    scores = score_groups(analysis, criterion, seed, stats=calib.stats, gradients=calib.gradients)
+    if target_latency is not None:
+        chosen, estimated = latency_plan(analysis, scores, table, target_latency, max_ratio)
+        notes.append(f"latency plan: estimated latency ratio {estimated:.3f} ({table.setting})")
+    else:
+        make = uniform_plan if scope == "local" else global_plan
+        chosen = round_plan(analysis, scores, make(analysis, scores, ratio, 1), table)
+        notes.append(f"channel counts rounded to latency steps ({table.setting})")
+    return chosen.resolve(analysis), None, chosen
+
+
+def _choose_for_target(original, analysis: Analysis, calib: Calibration, criterion, plan, target_macs, target_params,
+                       max_ratio, round_to, data, labels, seed, quiet):
+    """Removed units meeting MACs/params targets: global ranking, or measured sensitivity (`auto`)."""
+    from onnxprune.plan import target_plan
+
+    scores = score_groups(analysis, criterion, seed, stats=calib.stats, gradients=calib.gradients)
+    if plan == "auto":
+        from onnxprune.sensitivity import auto_plan
+
+        chosen, _ = auto_plan(original, analysis, scores, calib, data, target_macs=target_macs,
+                              target_params=target_params, max_ratio=max_ratio, criterion=criterion, labels=labels,
+                              seed=seed, quiet=quiet)
+    else:
+        chosen = target_plan(analysis, scores, target_macs=target_macs, target_params=target_params,
+                             max_ratio=max_ratio, round_to=round_to)
+    return chosen.resolve(analysis), None, chosen
+
+
+def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, plan, seed, calib=None,
+            head_ratio=None):
     """Decide the removed units per group: from a plan, the dead channels, or a criterion."""
     values = None
     if plan is not None:
@@ -154,9 +289,12 @@ def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, pla
         dead = find_dead_channels(analysis)
         units, values = dead.units, dead.values
     else:
-        scores = score_groups(analysis, criterion, seed)
+        scores = score_groups(analysis, criterion, seed, stats=calib and calib.stats,
+                              gradients=calib and calib.gradients)
         make = uniform_plan if scope == "local" else global_plan
         planned = make(analysis, scores, ratio, round_to)
+        if head_ratio is not None:
+            planned = with_head_ratio(planned, analysis, scores, head_ratio)
         units = planned.resolve(analysis)
     by_id = {g.id: g for g in analysis.groups}
     chosen = Plan()
@@ -169,22 +307,18 @@ def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, pla
 
 
 def load_feeds(data, model: onnx.ModelProto, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Inputs for verification: an .npz keyed by input name, a dict, or seeded random data."""
+    """Inputs for verification: any data form `onnxprune.data` reads (in batches), a dict, or
+    seeded random data."""
     if data is None:
         return [random_inputs(model, seed), random_inputs(model, seed + 1, batch=2)]
     if isinstance(data, dict):
         return [data]
-    path = Path(data)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            feeds = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read input data ({exc})") from None
-    names = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    missing = names - set(feeds)
-    if missing:
-        raise InputError(f"{path}: no data for model input(s) {', '.join(sorted(missing))}")
-    return [{k: v for k, v in feeds.items() if k in names}]
+    from onnxprune.data import batch_size_for, iter_batches, model_inputs
+
+    feeds = list(iter_batches(data, model_inputs(model), batch_size_for(model)))
+    if not feeds:
+        raise InputError(f"{data}: no input data")
+    return feeds
 
 
 def verify(
@@ -195,26 +329,37 @@ def verify(
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
 ) -> VerifyReport:
-    """Compare two models' outputs in ONNX Runtime on the same inputs."""
+    """Compare two models' outputs in ONNX Runtime (optimisations off) on the same inputs.
+
+    `data` is any form `onnxprune.data` reads (an .npz path, a `{name: array}` dict, ...), or None
+    for seeded random inputs. The report is truthy when every output passes
+    |a-b| <= atol + rtol*|a|; a difference is reported, never raised.
+    """
     a, b = load_model(original), load_model(pruned)
     return compare(a, b, load_feeds(data, a, seed), atol, rtol)
 
 
-def _check_graph(model: onnx.ModelProto) -> None:
-    """Refuse graphs the checker rejects (dangling inputs, cycles, duplicate names)."""
+def _label(source) -> str:
+    """How errors name the model: its path, or "model" for one given in memory."""
+    return "model" if isinstance(source, onnx.ModelProto) else str(source)
+
+
+def _check_graph(model: onnx.ModelProto, label: str = "model") -> None:
+    """Refuse graphs the checker rejects (dangling inputs, cycles, duplicate names), and shapes that
+    do not fit together (a weight that does not match its layer would mislead the analysis)."""
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+        check_model(model, full_check=True)  # by path on a weight-free copy: no weight copy, no 2 GB limit
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise InputError(f"invalid model: {first[:300]}") from None
+        raise InputError(f"{label}: invalid model: {first[:300]}") from None
     except ValueError as exc:  # models above 2 GB are checked by path elsewhere
         if "2GB" not in str(exc):
-            raise InputError(f"invalid model: {str(exc)[:300]}") from None
+            raise InputError(f"{label}: invalid model: {str(exc)[:300]}") from None
 
 
 def _check_output(model: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise VerificationError(f"pruned model fails the ONNX checker (a bug, please report): {first[:300]}") from None

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from onnxprune.cli_data import COMMANDS as DATA_COMMANDS
+from onnxprune.cli_data import add_commands, add_data_argument
 from onnxprune.errors import InputError, OnnxPruneError, VerificationError
 
 
@@ -28,31 +30,73 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model")
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
-    r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, or module:function")
+    r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, fpgm, activation, apoz, wanda, "
+                   "taylor, or module:function")
     r.add_argument("--scope", choices=["local", "global"], default="local")
-    r.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N channels")
+    r.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="keep a multiple of N channels; auto: the count just below a measured latency step")
+    r.add_argument("--target-latency", dest="target_latency", type=float, metavar="F",
+                   help="plan on measured ORT latency: keep about F of the model's latency")
+    r.add_argument("--latency-table", dest="latency_table", metavar="FILE.json",
+                   help="table from 'onnxprune latency-table' for --round-to auto / --target-latency "
+                   "(default: measure now)")
     r.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="node names or globs to protect")
     r.add_argument("--lossless", action="store_true", help="remove only provably constant channels")
-    r.add_argument("--plan", metavar="FILE", help="replay a saved plan")
+    r.add_argument("--plan", metavar="FILE|auto", help="replay a saved plan, or 'auto': per-group ratios from "
+                   "measured sensitivity (with --target-macs)")
     r.add_argument("--save-plan", metavar="FILE", help="write the plan used as JSON")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--verify", action="store_true", help="compare outputs with ONNX Runtime")
     r.add_argument("--bench", action="store_true", help="measure latency before/after")
-    r.add_argument("--data", metavar="FILE.npz", help="inputs for --verify/--bench (default: seeded random)")
+    add_data_argument(r, "calibration and verification data: FILE.npz, a directory of .npz files or "
+                      "test_data_set_* folders, or name:file.npy pairs (default: seeded random for --verify)")
+    r.add_argument("--stats", metavar="FILE.npz", help="saved statistics from 'onnxprune stats'")
+    r.add_argument("--gradients", metavar="FILE.npz", help="loss gradients keyed by initializer name (taylor)")
+    r.add_argument("--target-macs", dest="target_macs", type=float, metavar="F", help="fraction of MACs to keep")
+    r.add_argument("--target-params", dest="target_params", type=float, metavar="F",
+                   help="fraction of parameters to keep")
+    r.add_argument("--max-ratio", dest="max_ratio", type=float, default=0.9,
+                   help="at most this fraction of any group is removed with targets (default 0.9)")
+    r.add_argument("--recover", choices=["none", "bias", "lstsq", "lstsq-seq"],
+                   help="compensate removed channels: bias, least-squares re-fit, or re-fit layer by layer "
+                   "(default: bias when --data or --stats is given)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--head-ratio", dest="head_ratio", type=float, metavar="F",
+                   help="fraction of attention heads to remove per layer (default: --ratio)")
+    r.add_argument("--prune-hidden", dest="prune_hidden", action="store_true",
+                   help="also prune the hidden size of transformers (residual stream; lossy)")
     r.add_argument("--atol", type=float)
     r.add_argument("--rtol", type=float)
     r.add_argument("--report", metavar="FILE.json", help="write the JSON report")
     r.add_argument("--save-external-data", nargs="?", const=True, default=False, metavar="NAME",
                    help="store weights in a separate data file")
+    r.add_argument("--quantize", choices=["dynamic", "static"],
+                   help="then quantize with onnxruntime.quantization (static calibrates on --data)")
+    r.add_argument("--quantized-output", metavar="FILE", help="where the quantized model goes "
+                   "(default: next to -o, suffix .int8.onnx)")
+    r.add_argument("--eval-data", metavar="FILE.npz", help="held-out inputs plus labels: report top-1 accuracy")
+    r.add_argument("--labels", default="label", metavar="NAME", help="labels array in --eval-data (default: label)")
+    r.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML report")
+    r.add_argument("--sensitivity", metavar="FILE.json", help="sensitivity results to chart in --html")
+    r.add_argument("--config", metavar="FILE", help="prune options from YAML/JSON (keys = option names; "
+                   "flags given here override it)")
 
     v = sub.add_parser("verify", help="compare two models' outputs in ONNX Runtime")
     v.add_argument("original")
     v.add_argument("pruned")
-    v.add_argument("--data", metavar="FILE.npz")
+    add_data_argument(v)
     v.add_argument("--atol", type=float, default=1e-4)
     v.add_argument("--rtol", type=float, default=1e-3)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--bench", action="store_true")
+
+    add_commands(sub)
+
+    t = sub.add_parser("latency-table", help="measure each prunable layer's ORT latency at candidate channel counts")
+    t.add_argument("model")
+    t.add_argument("-o", "--output", metavar="FILE.json", help="write the table (input to --latency-table)")
+    t.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
+    t.add_argument("--runs", type=int, default=20, help="timed runs per point (median; default 20)")
 
     d = sub.add_parser("demo", help="prune the built-in digits CNN and show the result")
     d.add_argument("--ratio", type=float, default=0.5)
@@ -80,6 +124,17 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _refuse_overwriting_input_data(args) -> None:
+    """The output's data file (named, or the default used above 2 GB) must not replace an input file."""
+    from onnxprune.external_data import referenced_files
+
+    out = Path(args.output)
+    name = args.save_external_data if isinstance(args.save_external_data, str) else out.name + ".data"
+    data = out.parent / name
+    if data.exists() and any(_same_file(str(f), str(data)) for f in [Path(args.model), *referenced_files(args.model)]):
+        raise InputError(f"{data}: output data file would overwrite the input model's data")
+
+
 def prune_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of `onnxprune.prune` taken from parsed flags.
 
@@ -96,27 +151,45 @@ def prune_kwargs(args: argparse.Namespace) -> dict:
 
 def _cmd_prune(args) -> int:
     from onnxprune.api import prune
-    from onnxprune.ir import atomic_write_text
+    from onnxprune.html_report import load_sensitivity
+    from onnxprune.ir import save_model
     from onnxprune.report import table
 
     if _same_file(args.model, args.output):
         raise InputError(f"{args.output}: output would overwrite the input model")
+    _refuse_overwriting_input_data(args)
+    quantized_target = args.quantized_output or str(Path(args.output).with_suffix("")) + ".int8.onnx"
+    if args.quantize and (_same_file(args.model, quantized_target) or _same_file(args.output, quantized_target)):
+        raise InputError(f"{quantized_target}: the quantized model would overwrite the input or the pruned model")
+    sensitivity = load_sensitivity(args.sensitivity) if args.sensitivity else None
     try:
         result = prune(args.model, **prune_kwargs(args))
     except VerificationError as exc:
         if exc.result is not None:
             print(table(exc.result.report))
-            if args.report:
-                atomic_write_text(Path(args.report), json.dumps(exc.result.report.to_dict(), indent=1))
+            _write_reports(args, exc.result, sensitivity)
         raise
     result.save(args.output, external_data=args.save_external_data)
     if args.save_plan:
         result.plan.save(args.save_plan)
-    if args.report:
-        atomic_write_text(Path(args.report), json.dumps(result.report.to_dict(), indent=1))
+    _write_reports(args, result, sensitivity)
     print(table(result.report))
     print(f"wrote {args.output}")
+    if result.quantized is not None:
+        save_model(result.quantized, quantized_target)
+        print(f"wrote {quantized_target}")
     return 0
+
+
+def _write_reports(args, result, sensitivity) -> None:
+    """The JSON report (--report) and the HTML page (--html), also after a failed verification."""
+    from onnxprune.html_report import html_page
+    from onnxprune.ir import atomic_write_text
+
+    if args.report:
+        atomic_write_text(Path(args.report), json.dumps(result.report.to_dict(), indent=1))
+    if args.html:
+        atomic_write_text(Path(args.html), html_page(result.report, sensitivity, title=Path(args.model).name))
 
 
 def _cmd_verify(args) -> int:
@@ -139,18 +212,52 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _round_to(text: str) -> "int | str":
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _cmd_latency_table(args) -> int:
+    from onnxprune.api import analyze, load_model
+    from onnxprune.latency import measure_table
+
+    if args.threads < 1 or args.runs < 1:
+        raise InputError("--threads and --runs must be >= 1")
+    model = load_model(args.model)
+    table = measure_table(model, analyze(model), threads=args.threads, runs=args.runs)
+    print(f"whole model: {table.model_ms:.3f} ms  ({table.setting})")
+    print(f"{'layer':40s} {'op':7s} {'ms':>8s}  axes (group: counts)")
+    for layer in table.layers:
+        axes = ", ".join(f"{role} {c.group}: {c.counts[0]}..{c.counts[-1]} ({len(c.counts)})"
+                         for role, c in layer.curves.items())
+        print(f"{layer.node[:40]:40s} {layer.op:7s} {layer.full_ms:8.3f}  {axes}")
+    if args.output:
+        table.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from onnxprune.demo import run_demo
 
     return run_demo(ratio=args.ratio, output=args.output)
 
 
-_COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "verify": _cmd_verify, "demo": _cmd_demo}
+_COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "verify": _cmd_verify, "demo": _cmd_demo,
+             "latency-table": _cmd_latency_table, **DATA_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if getattr(args, "config", None):
+            from onnxprune.config import apply_config
+
+            args = apply_config(args, _parser(), sys.argv[1:] if argv is None else argv)
         return _COMMANDS[args.command](args)
     except VerificationError as exc:
         print(f"onnxprune: verification failed: {exc}", file=sys.stderr)

@@ -6,14 +6,19 @@ BatchNorm scales), each member normalised by its own mean so that no single larg
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InputError
+from onnxprune.ir import constant_array
 from onnxprune.passes.dependency import Analysis, ChannelGroup, Member
+
+if TYPE_CHECKING:
+    from onnxprune.passes.stats import Statistics
 
 
 @dataclass
@@ -23,12 +28,34 @@ class ScoringContext:
     analysis: Analysis
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    stats: "Statistics | None" = None
+    """Calibration statistics (`onnxprune.passes.stats`), for data-driven criteria."""
+    gradients: "dict[str, np.ndarray] | None" = None
+    """Loss gradients keyed by initializer name, for the taylor criterion."""
+    _consumers: "dict | None" = None
 
-    def values(self, name: str) -> np.ndarray:
-        tensor = self.analysis.graph.tensors()[name]
+    @property
+    def consumers(self) -> dict:
+        """Contraction slot -> weight layers reading it (computed once)."""
+        if self._consumers is None:
+            from onnxprune.passes.rewrite import contraction_slots
+
+            self._consumers = contraction_slots(self.analysis)
+        return self._consumers
+
+    _tensors: "dict | None" = None
+
+    def array(self, name: str) -> np.ndarray:
+        """An initializer in its own dtype, decoded afresh (not cached: weights stay single)."""
+        if self._tensors is None:
+            self._tensors = self.analysis.graph.tensors()
+        tensor = self._tensors[name]
         if not isinstance(tensor, gs.Constant):
             raise KeyError(name)
-        return np.asarray(tensor.values, dtype=np.float64)
+        return constant_array(tensor)
+
+    def values(self, name: str) -> np.ndarray:
+        return np.asarray(self.array(name), dtype=np.float64)
 
 
 Criterion = Callable[[ChannelGroup, ScoringContext], np.ndarray]
@@ -36,9 +63,12 @@ Criterion = Callable[[ChannelGroup, ScoringContext], np.ndarray]
 
 def _member_scores(member: Member, size: int, ctx: ScoringContext, power: int) -> np.ndarray:
     """Sum of |w|^power over each channel's slice of one member, per channel."""
-    w = ctx.values(member.slot[0])
-    per_elem = np.abs(np.moveaxis(w, member.slot[1], 0).reshape(w.shape[member.slot[1]], -1)) ** power
-    per_elem = per_elem.sum(axis=1)
+    w = ctx.array(member.slot[0])
+    if power != 1 or w.dtype != np.float32:  # float32 |w| is exact; squares and ints go to float64
+        w = w.astype(np.float64)
+    magnitude = np.abs(w) if power == 1 else np.square(w)
+    others = tuple(axis for axis in range(w.ndim) if axis != member.slot[1])
+    per_elem = magnitude.sum(axis=others, dtype=np.float64)  # no transposed copy of the weight
     return np.bincount(member.unit, weights=per_elem[member.elem], minlength=size)
 
 
@@ -75,7 +105,112 @@ def random(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
     return np.random.default_rng([ctx.seed, group.id]).random(group.size)
 
 
-CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "bn_scale": bn_scale, "random": random}
+def _per_unit(member: Member, per_elem: np.ndarray, size: int) -> np.ndarray:
+    """Mean of per-element values over each channel's elements in one member."""
+    sums = np.bincount(member.unit, weights=per_elem[member.elem], minlength=size)
+    counts = np.bincount(member.unit, minlength=size)
+    return sums / np.maximum(counts, 1)
+
+
+def _normalised_sum(parts: list[np.ndarray], size: int) -> np.ndarray:
+    total = np.zeros(size)
+    for part in parts:
+        mean = np.abs(part).mean()
+        total += part / mean if mean > 0 else part
+    return total
+
+
+def _observed(group: ChannelGroup, ctx: ScoringContext, name: str) -> list[Member]:
+    """Activation members with statistics: the weight layers' inputs where there are any."""
+    if ctx.stats is None:
+        raise InputError(f"criterion {name!r} needs calibration data or statistics (--data or --stats)")
+    seen = [m for m in group.members if m.slot in ctx.stats.slots]
+    consumed = [m for m in seen if m.slot in ctx.consumers]
+    if not seen:
+        raise InputError(f"criterion {name!r}: the statistics hold nothing for group {group.key}")
+    return consumed or seen
+
+
+def activation(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """Mean |a| of the channel where weight layers read it: channels that carry little signal go."""
+    return _normalised_sum([_per_unit(m, ctx.stats.slots[m.slot].mean_abs, group.size)
+                            for m in _observed(group, ctx, "activation")], group.size)
+
+
+def apoz(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """1 - average percentage of zeros (Hu et al. 2016): mostly-zero channels after ReLU go."""
+    members = _observed(group, ctx, "apoz")
+    return sum(1.0 - _per_unit(m, ctx.stats.slots[m.slot].apoz, group.size) for m in members) / len(members)
+
+
+def _consumer_weight_members(group: ChannelGroup, ctx: ScoringContext, slot) -> list[Member]:
+    names = {node.inputs[1].name for node in ctx.consumers.get(slot, [])}
+    return [m for m in group.weight_members() if m.slot[0] in names]
+
+
+def wanda(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """Σ |consumer weights| × activation RMS (Wanda, Sun et al. 2023, per channel)."""
+    parts = []
+    for m in _observed(group, ctx, "wanda"):
+        rms = np.sqrt(_per_unit(m, ctx.stats.slots[m.slot].mean_sq, group.size))
+        for w in _consumer_weight_members(group, ctx, m.slot):
+            parts.append(_member_scores(w, group.size, ctx, 1) * rms)
+    if not parts:
+        raise InputError(f"criterion 'wanda': group {group.key} reaches no weight layer with statistics")
+    return _normalised_sum(parts, group.size)
+
+
+def _unit_rows(member: Member, size: int, ctx: ScoringContext) -> np.ndarray | None:
+    """[channel, features] slices of a weight member, or None when channels own unequal slices."""
+    w = ctx.values(member.slot[0])
+    per_elem = np.moveaxis(w, member.slot[1], 0).reshape(w.shape[member.slot[1]], -1)
+    counts = np.bincount(member.unit, minlength=size)
+    if np.any(counts != counts[0]) or counts[0] == 0:
+        return None
+    order = np.lexsort((member.elem, member.unit))
+    return per_elem[member.elem[order]].reshape(size, -1)
+
+
+def fpgm(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """Summed distance to the other filters (He et al. 2019): filters near the geometric median are
+    replaceable by the rest, so they score low."""
+    parts = []
+    producers = set(group.producers)
+    own = {n.inputs[1].name for n in ctx.analysis.graph.nodes if n.name in producers and len(n.inputs) > 1}
+    for m in group.weight_members():
+        rows = _unit_rows(m, group.size, ctx) if m.slot[0] in own else None
+        if rows is None:
+            continue
+        sq = (rows * rows).sum(1)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0))
+        parts.append(dist.sum(1))
+    return _normalised_sum(parts, group.size) if parts else l2(group, ctx)
+
+
+def taylor(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """|Σ w·∂L/∂w| over every parameter of the channel (Molchanov et al. 2019, first order)."""
+    if ctx.gradients is None:
+        raise InputError("criterion 'taylor' needs a gradients .npz keyed by initializer name (--gradients)")
+    total, used = np.zeros(group.size), 0
+    for m in group.weight_members(("weight", "bias", "scale")):
+        grad = ctx.gradients.get(m.slot[0])
+        if grad is None:
+            continue
+        w = ctx.values(m.slot[0])
+        if grad.shape != w.shape:
+            raise InputError(f"gradient of {m.slot[0]} has shape {grad.shape}, the weight {w.shape}")
+        prod = np.moveaxis(w * grad, m.slot[1], 0).reshape(w.shape[m.slot[1]], -1).sum(1)
+        total += np.bincount(m.unit, weights=prod[m.elem], minlength=group.size)
+        used += 1
+    if not used:
+        names = ", ".join(sorted({m.slot[0] for m in group.weight_members()}))
+        raise InputError(f"criterion 'taylor': no gradient for any weight of group {group.key} ({names})")
+    return np.abs(total)
+
+
+CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "bn_scale": bn_scale, "random": random, "fpgm": fpgm,
+                                  "activation": activation, "apoz": apoz, "wanda": wanda, "taylor": taylor}
+DATA_CRITERIA = ("activation", "apoz", "wanda")
 
 
 def resolve_criterion(criterion: "str | Criterion") -> Criterion:
@@ -95,10 +230,12 @@ def resolve_criterion(criterion: "str | Criterion") -> Criterion:
     raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)} or module:function")
 
 
-def score_groups(analysis: Analysis, criterion: "str | Criterion", seed: int = 0) -> dict[int, np.ndarray]:
+def score_groups(analysis: Analysis, criterion: "str | Criterion", seed: int = 0, *,
+                 stats: "Statistics | None" = None, gradients: "dict[str, np.ndarray] | None" = None
+                 ) -> dict[int, np.ndarray]:
     """Scores of every prunable group, validated (one finite number per channel)."""
     fn = resolve_criterion(criterion)
-    ctx = ScoringContext(analysis, seed)
+    ctx = ScoringContext(analysis, seed, stats=stats, gradients=gradients)
     scores = {}
     for group in analysis.prunable:
         s = np.asarray(fn(group, ctx), dtype=np.float64).reshape(-1)
@@ -106,3 +243,12 @@ def score_groups(analysis: Analysis, criterion: "str | Criterion", seed: int = 0
             raise InputError(f"criterion returned {s.shape} scores for group {group.key} of {group.size} channels")
         scores[group.id] = s
     return scores
+
+
+def load_gradients(path: "str | os.PathLike[str]") -> dict[str, np.ndarray]:
+    """A gradients .npz keyed by initializer name (any framework can write one)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k], dtype=np.float64) for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read gradients ({exc})") from None

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxprune.errors import InputError
+from onnxprune.streaming import read_model_file, serialized_size, without_fields, write_model_file
 
 ModelSource = "str | os.PathLike[str] | onnx.ModelProto"
 PROTOBUF_LIMIT = 2**31 - 1
@@ -73,25 +74,38 @@ def load_model(source: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.Model
 
     Every failure becomes a one-line `InputError` naming the file.
     """
+    from onnxprune.validate import check_loaded, check_no_external_refs, check_source_file
+
     if isinstance(source, onnx.ModelProto):
+        check_loaded(source, "model")
+        check_no_external_refs(source)
         return source
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected an .onnx file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file")
+    check_source_file(path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model_file(path)  # tensor by tensor: never the file bytes and the model at once
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
-        raise InputError(f"{path}: not an ONNX model (no graph)")
+    check_loaded(model, str(path))
     from onnxprune.external_data import load_external_tensors
 
-    load_external_tensors(model, path.parent)
+    try:
+        load_external_tensors(model, path.parent)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     return model
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """`onnx.checker.check_model`, run by path on a weight-free copy of the model.
+
+    Checking a proto in memory serialises it (a full copy of the weights) and fails above 2 GB;
+    the copy written here has its payloads replaced by references to an empty data file.
+    Raises what the checker raises.
+    """
+    from onnxprune.streaming import check_by_path
+
+    check_by_path(model, full_check)
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -102,7 +116,7 @@ def opset_version(model: onnx.ModelProto) -> int:
     raise InputError("model imports no default-domain (ai.onnx) opset")
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+def infer_shapes(model: onnx.ModelProto, resolve: bool = False) -> dict[str, tuple[int, tuple]]:
     """Shape inference on a weight-free skeleton: {tensor name: (elem_type, dims)}.
 
     Large initializer payloads are left out of the copy so inference costs no extra weight memory.
@@ -135,6 +149,10 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
         )
         shapes[vi.name] = (tt.elem_type, dims)
+    if resolve:  # pin dims that run-time shape arithmetic hides from symbolic inference
+        from onnxprune.static_shapes import resolve_dims
+
+        shapes = resolve_dims(skeleton, shapes, model)
     return shapes
 
 
@@ -163,8 +181,9 @@ _STRIPPABLE = {
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into graphsurgeon with inferred shapes; Constant nodes become initializers."""
-    shapes = infer_shapes(model)
+    shapes = infer_shapes(model, resolve=True)
     graph = gs.import_onnx(model)
+    _keep_overridable_initializers(graph, model)
     _constant_nodes_to_initializers(graph)
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Variable) and name in shapes:
@@ -174,7 +193,22 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
                     tensor.shape = list(dims)
             if tensor.dtype is None and elem:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    return graph
+    from onnxprune.passes.canonical import canonicalize
+
+    return canonicalize(graph, opset_version(model))
+
+
+def _keep_overridable_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Keep initializers that are also graph inputs (defaults a caller may override) among the inputs.
+
+    graphsurgeon drops them from `graph.inputs`; the analysis must see them as inputs (and freeze
+    them) and the export must keep the model's interface unchanged.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    if not any(i.name in inits for i in model.graph.input):
+        return
+    tensors = graph.tensors()
+    graph.inputs = [tensors[i.name] for i in model.graph.input if i.name in tensors]
 
 
 def _constant_nodes_to_initializers(graph: gs.Graph) -> None:
@@ -195,11 +229,105 @@ def _constant_nodes_to_initializers(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
 
 
-def from_graph(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
-    """Export with the original model-level fields restored."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    meta.apply(model)
-    return model
+def from_graph(graph: gs.Graph, meta: ModelMeta, into: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export with the original model-level fields restored.
+
+    With `into` (the model the graph was imported from, which the caller gives up), the export is
+    written into that proto: weights the graph left untouched stay where they are and only sliced
+    or new ones are copied, so the weights are never held twice. Without it, a new proto is built.
+    """
+    from onnxprune.passes.canonical import rejoin_copies
+
+    rejoin_copies(graph)
+    if into is None:
+        model = gs.export_onnx(graph, do_type_check=False)
+        meta.apply(model)
+        return model
+    _export_into(graph, into)
+    meta.apply(into)
+    return into
+
+
+def _lazy_constants(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """Constants whose value is still the (undecoded) TensorProto they were imported from."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+    return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)
+            and isinstance(t._values, LazyValues) and not isinstance(t._values, SparseValues)}
+
+
+def export_structure(graph: gs.Graph) -> onnx.ModelProto:
+    """`gs.export_onnx` with initializers above 256 elements exported as payload-free stand-ins.
+
+    Enough for shape inference and the checker's structural checks, at no weight memory. The
+    stand-ins have no data: do not run or save the result.
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    lazy = {name: c for name, c in _lazy_constants(graph).items() if _numel(c._values.tensor) > 256}
+    full = {name: c._values for name, c in lazy.items()}
+    try:
+        for name, const in lazy.items():
+            const._values = LazyValues(without_fields(full[name].tensor, "raw_data"))
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for name, const in lazy.items():
+            const._values = full[name]
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+
+
+def _place(slot: onnx.TensorProto, name: str, lazy: dict[str, gs.Constant], built: dict) -> None:
+    """Copy a new or sliced initializer into the model; the graph then reads the copy, so the
+    sliced proto is freed at once instead of living alongside it."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    slot.CopyFrom(lazy[name]._values.tensor if name in lazy else built[name])
+    slot.name = name
+    if name in lazy:
+        lazy[name]._values = LazyValues(slot)
+
+
+def _export_into(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Replace `model`'s graph by `graph`, reusing the initializers the graph still shares with it."""
+    lazy = _lazy_constants(graph)
+    exported = export_structure(graph)
+    built = {t.name: t for t in exported.graph.initializer if t.name not in lazy}
+    order = [t.name for t in exported.graph.initializer]
+    inits = model.graph.initializer
+    placed: set[str] = set()
+    for i in reversed(range(len(inits))):
+        name = inits[i].name
+        if name in lazy and lazy[name]._values.tensor is inits[i] and name not in placed:
+            placed.add(name)  # untouched: stays where it is
+        elif name in built or name in lazy and name not in placed:
+            _place(inits[i], name, lazy, built)
+            placed.add(name)
+        else:
+            del inits[i]
+    for name in order:
+        if name not in placed:
+            _place(inits.add(), name, lazy, built)
+    for desc in onnx.GraphProto.DESCRIPTOR.fields:
+        if desc.name != "initializer":
+            model.graph.ClearField(desc.name)
+    model.graph.MergeFrom(without_fields(exported.graph, "initializer"))
+    del model.functions[:]
+    model.functions.extend(exported.functions)
+    model.ClearField("training_info")  # refers to the old graph; the copying export drops it too
+
+
+def constant_array(const: gs.Constant) -> np.ndarray:
+    """The value of a constant without caching it on the graph (`Constant.values` keeps the
+    decoded array alive, which would hold every weight twice once all have been read)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+    values = const._values
+    if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
+        return tensor_to_array(values.tensor)
+    return np.asarray(const.values)
 
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -227,41 +355,80 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike[str]", external_
         raise InputError(f"{path}: output directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise InputError(f"{path}: output directory {directory} is not writable")
-    use_external = bool(external_data) or model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    # Above the protobuf limit a single file cannot be written: weights go to a data file anyway.
+    use_external = bool(external_data) or serialized_size(model) > PROTOBUF_LIMIT - (64 << 20)
     data_name = external_data if isinstance(external_data, str) and external_data else path.name + ".data"
-    if use_external and (Path(data_name).is_absolute() or ".." in Path(data_name).parts):
+    if use_external and (Path(data_name).name != data_name or data_name in (".", "..", path.name)):
         raise InputError(f"{data_name}: external data path must be a plain file name next to the model")
-    fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp_data = None
+    tmp_model = tmp_data = backup = None
     try:
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
         if use_external:
             tmp_data = _write_with_external_data(model, Path(tmp_model), directory, data_name)
         else:
             with open(tmp_model, "wb") as fh:
-                fh.write(model.SerializeToString(deterministic=True))
+                write_model_file(model, fh)  # tensor by tensor: no second copy of the weights
                 fh.flush()
                 os.fsync(fh.fileno())
         if tmp_data is not None:
+            backup = _link_previous(directory / data_name)
             os.replace(tmp_data, directory / data_name)
-        os.replace(tmp_model, path)
+        try:
+            os.replace(tmp_model, path)
+        except OSError:
+            if tmp_data is not None:  # the previous model must keep its previous data file
+                _restore(directory / data_name, backup)
+                backup = None
+            raise
         _fsync_dir(directory)
     except OSError as exc:
         raise InputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
     finally:
-        for leftover in (tmp_model, tmp_data):
+        for leftover in (tmp_model, tmp_data, backup):
             if leftover is not None and os.path.exists(leftover):
                 os.unlink(leftover)
 
 
 def _write_with_external_data(model: onnx.ModelProto, tmp_model: Path, directory: Path, data_name: str) -> str:
-    """Serialise weights into a fresh temp data file; the model refers to its final name."""
-    from onnxprune.external_data import write_external
-
+    """Serialise weights into a fresh temp data file (never appended to an existing one); the model
+    refers to the data file's final name. The model proto is not modified."""
     fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    write_external(model, tmp_model, Path(tmp_data), data_name)
+    try:
+        with os.fdopen(fd, "wb") as data, open(tmp_model, "wb") as fh:
+            write_model_file(model, fh, data, data_name)
+            for handle in (data, fh):
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(tmp_data)
+        raise
     return tmp_data
+
+
+def _link_previous(target: Path) -> str | None:
+    """A hard link to the data file about to be replaced, so a failed model rename can put it back."""
+    if not target.exists():
+        return None
+    fd, backup = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+    os.close(fd)
+    os.unlink(backup)
+    try:
+        os.link(target, backup)
+    except OSError:  # no hard links on this file system: the old data cannot be kept
+        return None
+    return backup
+
+
+def _restore(target: Path, backup: str | None) -> None:
+    """Undo a data-file rename: the backup returns, or the new file goes when there was none."""
+    try:
+        if backup is not None:
+            os.replace(backup, target)
+        else:
+            os.unlink(target)
+    except OSError:
+        pass
 
 
 def _fsync_dir(directory: Path) -> None:

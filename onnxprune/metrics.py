@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnxprune.ir import infer_shapes
+from onnxprune.streaming import serialized_size
 
 
 @dataclass
@@ -37,7 +38,8 @@ def count(model: onnx.ModelProto) -> ModelStats:
     shapes = infer_shapes(model)
     shape = lambda name: inits.get(name) or (shapes.get(name, (0, None))[1])  # noqa: E731
     macs = sum(_node_macs(node, shape) for node in model.graph.node)
-    return ModelStats(params, macs, model.ByteSize(), Counter(n.op_type for n in model.graph.node))
+    # serialized_size, not ByteSize: upb computes ByteSize by serialising the whole model
+    return ModelStats(params, macs, serialized_size(model), Counter(n.op_type for n in model.graph.node))
 
 
 def _node_macs(node: onnx.NodeProto, shape) -> int:

@@ -131,6 +131,81 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
     return plan
 
 
+def _global_order(groups, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(owner group index, channel) of every prunable channel, lowest normalised score first."""
+    normed = [scores[g.id] / (np.abs(scores[g.id]).mean() or 1.0) for g in groups]
+    owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(groups)])
+    channel = np.concatenate([np.arange(g.size) for g in groups])
+    order = np.argsort(np.concatenate(normed), kind="stable")
+    return owner[order], channel[order]
+
+
+def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_macs: float | None = None,
+                target_params: float | None = None, max_ratio: float = 0.9, round_to: int = 1) -> Plan:
+    """Remove channels in global order of normalised score until the kept MACs / params fractions
+    reach the targets (fractions to keep); no group loses more than `max_ratio` of its channels.
+
+    Scores are divided by their group's mean so groups of different scale compete fairly; the
+    smallest prefix of the global order that meets every target is found by bisection on a cost
+    model (exact for weight layers), so the result lands within one channel of the target.
+    """
+    from onnxprune.cost import CostModel
+
+    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise InputError(f"{name} is the fraction to keep, in (0, 1]; got {value}")
+    _check_ratio(max_ratio)
+    groups = analysis.prunable
+    cost = CostModel(analysis)
+    owner, channel = _global_order(groups, scores)
+    caps = np.array([g.size - keep_count(g.size, max_ratio) for g in groups])
+
+    def counts_for(k: int) -> np.ndarray:
+        used = np.zeros(len(groups), dtype=np.int64)
+        left = k
+        for j in owner:  # the first k admissible channels in global order
+            if left <= 0:
+                break
+            if used[j] < caps[j]:
+                used[j] += 1
+                left -= 1
+        return used
+
+    def units_of(used: np.ndarray) -> dict[int, np.ndarray]:
+        counts = [g.size - keep_count(g.size, used[j] / g.size, round_to) for j, g in enumerate(groups)]
+        return {g.id: np.array(_lowest(scores[g.id], counts[j]), dtype=np.int64)
+                for j, g in enumerate(groups) if counts[j]}
+
+    def kept(used: np.ndarray) -> tuple[float, float]:
+        return cost.evaluate(units_of(used))
+
+    def meets(used: np.ndarray) -> bool:
+        macs, params = kept(used)
+        return (target_macs is None or macs <= target_macs + 1e-9) and \
+            (target_params is None or params <= target_params + 1e-9)
+
+    lo, hi = 0, int(caps.sum())
+    if not meets(counts_for(hi)):
+        macs, params = kept(counts_for(hi))
+        raise InputError(f"targets cannot be met with max_ratio {max_ratio}: the prunable groups can go down to "
+                         f"{macs:.1%} of the MACs and {params:.1%} of the parameters")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if meets(counts_for(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    used = counts_for(lo)
+    if lo > 0:  # the last channel may overshoot: take the cheapest one-channel step that still meets
+        before = counts_for(lo - 1)
+        steps = [before + np.eye(len(groups), dtype=np.int64)[j] for j in range(len(groups)) if before[j] < caps[j]]
+        fitting = [step for step in steps if meets(step)]
+        if fitting:
+            used = max(fitting, key=lambda step: sum(kept(step)))
+    units = units_of(used)
+    return Plan([GroupPlan(g.key, g.size, [int(u) for u in units.get(g.id, [])]) for g in groups])
+
+
 def _check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio}")

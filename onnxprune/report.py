@@ -18,7 +18,10 @@ def _ratio(a: float, b: float) -> str:
 
 
 def table(report: PruneReport) -> str:
-    """The before/after table printed by `prune` and `demo`."""
+    """The before/after table printed by `prune` and `demo`; with a quantized model or an
+    evaluation set, one column per model (see `models_table`)."""
+    if report.models:
+        return models_table(report)
     b, a = report.before, report.after
     rows = [("params", b.params, a.params), ("MACs", b.macs, a.macs), ("size (bytes)", b.bytes, a.bytes),
             ("ops", sum(b.ops.values()), sum(a.ops.values()))]
@@ -29,14 +32,46 @@ def table(report: PruneReport) -> str:
         lines.append(f"{'latency (ms)':<16}{lat.before_ms['median']:>12.3f}{lat.after_ms['median']:>12.3f}"
                      f"{lat.ratio:>9.3f}")
         lines.append(f"  (median of {lat.runs} interleaved runs, {lat.threads} thread(s), {lat.provider})")
-    lines.append(f"groups: {report.analysis['groups_total']} total, {report.groups_pruned} pruned, "
-                 f"{len(report.analysis['groups_frozen'])} frozen; {report.channels_removed} channels removed")
+    return "\n".join(lines + _footer(report))
+
+
+MODEL_TITLES = {"original": "original", "pruned": "pruned", "quantized": "pruned+int8"}
+
+
+def models_table(report: PruneReport) -> str:
+    """One column per model (original, pruned, pruned+quantized): size, speed and quality."""
+    names = list(report.models)
+    figs = [report.models[n] for n in names]
+    rows = [("params", [human(f.params) for f in figs]),
+            ("MACs", ["-" if f.macs is None else human(f.macs) for f in figs]),
+            ("size (bytes)", [human(f.bytes) for f in figs]),
+            ("ops", [str(f.ops) for f in figs])]
+    if all(f.latency_ms for f in figs):
+        rows.append(("latency (ms)", [f"{f.latency_ms['median']:.3f}" for f in figs]))
+    rows.append(("max abs diff", [f"{f.max_abs_diff:.3g}" for f in figs]))
+    if all(f.top1_agreement is not None for f in figs):
+        rows.append(("top-1 agreement", [f"{f.top1_agreement:.4f}" for f in figs]))
+    if all(f.accuracy is not None for f in figs):
+        rows.append(("accuracy", [f"{f.accuracy:.4f}" for f in figs]))
+    lines = [f"{'':<16}" + "".join(f"{MODEL_TITLES.get(n, n):>13}" for n in names)]
+    lines += [f"{label:<16}" + "".join(f"{v:>13}" for v in values) for label, values in rows]
+    if all(f.latency_ms for f in figs):
+        lines.append("  (latency: median of interleaved runs, 1 thread, CPUExecutionProvider; "
+                     "diff and agreement against the original's outputs)")
+    return "\n".join(lines + _footer(report))
+
+
+def _footer(report: PruneReport) -> list[str]:
+    lines = [f"groups: {report.analysis['groups_total']} total, {report.groups_pruned} pruned, "
+             f"{len(report.analysis['groups_frozen'])} frozen; {report.channels_removed} channels removed"]
     if report.verify is not None:
         v = report.verify
         lines.append(f"verify: {'PASSED' if v.passed else 'FAILED'}  max abs diff {v.max_abs_diff:.3g}, "
                      f"max rel diff {v.max_rel_diff:.3g} (atol {v.atol:g}, rtol {v.rtol:g})")
+    if report.quantize is not None:
+        lines.append(f"quantize: {report.quantize} (onnxruntime.quantization)")
     lines.extend(f"note: {n}" for n in report.notes)
-    return "\n".join(lines)
+    return lines
 
 
 def analysis_listing(analysis: Analysis) -> str:
@@ -45,6 +80,8 @@ def analysis_listing(analysis: Analysis) -> str:
     for g in analysis.groups:
         state = "prunable" if g.prunable else ("frozen: " + "; ".join(sorted(set(g.frozen))) if g.frozen
                                                 else "single channel")
+        if g.prunable and g.lossy_only:  # frozen by --lossless
+            state += " (lossy only: " + "; ".join(g.lossy_only) + ")"
         who = ", ".join(g.producers[:3]) + (" …" if len(g.producers) > 3 else "")
         lines.append(f"  [{g.id}] {g.key}  channels={g.size}  producers={who or '-'}  {state}")
     return "\n".join(lines)

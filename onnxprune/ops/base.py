@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx.defs import onnx_opset_version
 
 if TYPE_CHECKING:
     from onnxprune.passes.rewrite import Edit
@@ -39,6 +40,13 @@ class Freeze:
     reason: str
 
 
+@dataclass(frozen=True)
+class Defer:
+    """The answer depends on channel axes not discovered yet (a reshape splitting one axis into
+    several, seen from its merged side first): the walk asks again, with `NodeView.settled` set,
+    once the rest of the graph is explored, so both sides of a channel shuffle choose alike."""
+
+
 TieResult = "list[Tie] | Freeze"
 
 
@@ -58,6 +66,8 @@ class NodeView:
     known: "set[Slot] | frozenset[Slot]" = frozenset()
     """Channel slots discovered so far; lets a rule resolve an ambiguous direction (a reshape that
     splits one axis into several) the way the rest of the graph already decided."""
+    settled: bool = True
+    """False during the walk's first pass: a rule may answer `Defer` instead of guessing."""
 
     @property
     def name(self) -> str:
@@ -149,8 +159,22 @@ class OpRule:
     def seeds(self, v: NodeView) -> list[Slot]:
         return []
 
+    def anchors(self, v: NodeView) -> list[Slot]:
+        """Activation slots whose axis is a channel axis by structure (an attention head axis).
+
+        The walk explores them before the weight seeds, so a reshape that splits a projection into
+        (heads, head_dim) ties it to the head axis rather than guessing the inner axis.
+        """
+        return []
+
     def ties(self, v: NodeView, slot: Slot) -> "list[Tie] | Freeze":
         return Freeze(f"no channel rule for {v.op}")
+
+    def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
+        """Why removing elements of this (tied) slot changes the values of the kept ones even when
+        the removed ones are constant, e.g. a normalisation over the axis; such groups are pruned
+        in lossy mode only and frozen, with this reason, by lossless mode."""
+        return None
 
     def update(self, v: NodeView, edit: "Edit") -> None:
         return None
@@ -228,6 +252,10 @@ class Registry:
     def ops(self) -> Iterable[str]:
         return sorted(k.op for k in self._rules)
 
+
+SUPPORTED_OPSETS = (7, onnx_opset_version())
+"""Default-domain opsets whose op semantics the rules were written against (older opsets had e.g.
+BatchNormalization `spatial` and Gemm `broadcast`; newer ones are unknown). Outside, channels freeze."""
 
 REGISTRY = Registry()
 register = REGISTRY.register

@@ -31,6 +31,8 @@ class _ConvLike(OpRule):
         if w is None or cin is None or any(not isinstance(d, int) for d in w):
             return None
         g = int(v.attr("group", 1))
+        if g < 1 or cin % g or (self.out_axis == 0 and w[0] % g):  # a damaged model: never guess
+            return None
         per_in = w[self.in_axis] if self.in_axis == 1 else cin // g
         per_out = w[self.out_axis] if self.out_axis == 0 else w[1]
         cout = per_out * g if self.out_axis == 1 else w[0]

@@ -187,6 +187,9 @@ def _operand_values(v: NodeView, values: ValueTable, name: str, axis: int, n: in
             return np.full(n, float(const.reshape(-1)[0]))
         if axis >= 0 and const.shape[axis] == n and const.size == n:
             return const.reshape(-1).astype(np.float64)
+        if axis >= 0 and const.shape[axis] == n:  # e.g. a folded [1, B, C] bias: per channel where uniform
+            per = np.moveaxis(const, axis, 0).reshape(n, -1).astype(np.float64)
+            return np.where(np.all(per == per[:, :1], axis=1), per[:, 0], np.nan)
         return np.full(n, np.nan)
     if axis >= 0 and (name, axis) in values.sizes:
         return values.get((name, axis))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
+from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
+from onnxprune.ops.shape_values import Dim, Known, dim_readers, shape_value
 
 
 def _product(dims) -> tuple[int, tuple] | None:
@@ -23,8 +23,12 @@ def _product(dims) -> tuple[int, tuple] | None:
     for d in dims:
         if d is None:
             return None
-        if isinstance(d, str):
-            symbols[d] += 1
+        if isinstance(d, str):  # 'n*batch*seq' names a product (see onnxprune.static_shapes)
+            for part in d.split("*"):
+                if part.isdigit():
+                    static *= int(part)
+                else:
+                    symbols[part] += 1
         else:
             static *= int(d)
     return static, tuple(sorted(symbols.elements()))
@@ -34,7 +38,8 @@ def _cuts(dims) -> list:
     return [_product(dims[:i]) for i in range(len(dims) + 1)]
 
 
-def reshape_ties(src: Slot, src_shape: tuple, dst: str, dst_shape: tuple, known=frozenset()) -> "list[Tie] | Freeze":
+def reshape_ties(src: Slot, src_shape: tuple, dst: str, dst_shape: tuple, known=frozenset(),
+                 settled: bool = True) -> "list[Tie] | Freeze | Defer":
     """Element ties between axis `src[1]` of a tensor and the axis of its reshaped view.
 
     When one axis splits into several, the channel follows the split axis already known to carry
@@ -72,6 +77,8 @@ def reshape_ties(src: Slot, src_shape: tuple, dst: str, dst_shape: tuple, known=
         chosen = [j for j in block_out if (dst, j) in known]
         if len(chosen) > 1:
             return Freeze("reshape splits the channel axis into several channel axes")
+        if not chosen and not settled:
+            return Defer()
         axis = chosen[0] if chosen else block_out[-1]
         stride = int(np.prod([dst_shape[j] for j in block_out if j > axis], dtype=np.int64))
         return [Tie(src, (dst, axis), c, (c // stride) % dst_shape[axis])]
@@ -88,18 +95,22 @@ class ReshapeLike(OpRule):
         x, y = v.inputs[0], v.outputs[0]
         if slot[0] not in (x, y):
             return Freeze(f"{v.op} shape input is not a channel tensor")
-        if v.op == "Reshape" and v.const(v.inp(1)) is None:
+        if v.op == "Reshape" and v.const(v.inp(1)) is None and _computed_target(v) is None:
             return Freeze("Reshape target shape is computed at run time")
         xs, ys = v.shape(x), v.shape(y)
+        if v.op == "Reshape" and xs is not None:
+            ys = _target_dims(v, xs, ys)
         if xs is None or ys is None:
             return Freeze(f"{v.op} shapes unknown")
         if slot[0] == x:
-            return reshape_ties(slot, xs, y, ys, v.known)
-        return reshape_ties(slot, ys, x, xs, v.known)
+            return reshape_ties(slot, xs, y, ys, v.known, v.settled)
+        return reshape_ties(slot, ys, x, xs, v.known, v.settled)
 
     def update(self, v: NodeView, edit) -> None:
         if v.op != "Reshape":
             return
+        if v.const(v.inputs[1]) is None:
+            return _update_computed_target(v, edit)
         shape = v.const(v.inputs[1]).copy()
         y = v.outputs[0]
         changed = False
@@ -110,6 +121,75 @@ class ReshapeLike(OpRule):
                 changed = True
         if changed:
             edit.set_input_const(v.node, 1, shape)
+
+
+def _target_dims(v: NodeView, xs: tuple, inferred: tuple | None) -> tuple | None:
+    """Reshape output dims, with the non-static dims of shape inference worked out from the target.
+
+    Inference loses a symbolic batch size behind -1 (`[N,C,1,1] → [-1,C]` gives `[unk,C]`), and
+    reads of `Shape` resolve to the dims they name; 0 copies the input dim unless `allowzero`.
+    """
+    target = v.const(v.inp(1))
+    entries = [int(t) for t in target.reshape(-1)] if target is not None else _computed_target(v)
+    if entries is None or (inferred is not None and len(inferred) != len(entries)):
+        return inferred
+    dims: list = []
+    for k, e in enumerate(entries):
+        if isinstance(e, Dim):
+            shape = v.shape(e.tensor)
+            dims.append(shape[e.axis] if shape is not None and e.axis < len(shape) else None)
+            continue
+        e = e.value if isinstance(e, Known) else e
+        copies = e == 0 and not v.attr("allowzero", 0)
+        dims.append(xs[k] if copies and k < len(xs) else ("infer" if e == -1 else e))
+    if "infer" in dims:
+        dims[dims.index("infer")] = _infer_dim(xs, [d for d in dims if d != "infer"])
+    if inferred is None:
+        return tuple(dims)
+    return tuple(d if isinstance(d, int) or mine is None else mine for d, mine in zip(inferred, dims))
+
+
+def _infer_dim(xs: tuple, others: list):
+    """The -1 of a reshape: total size over the other dims, symbolic names cancelled as factors."""
+    total, rest = _product(xs), _product(others)
+    if total is None or rest is None or rest[0] == 0 or total[0] % rest[0]:
+        return None
+    left = Counter(total[1])
+    left.subtract(rest[1])
+    if any(n < 0 for n in left.values()):
+        return None
+    symbols = list(left.elements())
+    static = total[0] // rest[0]
+    if not symbols:
+        return static
+    return symbols[0] if symbols == symbols[:1] and static == 1 else None
+
+
+def _computed_target(v: NodeView):
+    """A run-time Reshape target (Shape → Gather → Slice → Concat) evaluated element by element.
+
+    Its dims that `Shape` reads follow the pruned tensors by themselves (the Shape rule freezes a
+    channel count that reaches one); the constant elements are rewritten by the update below.
+    """
+    return shape_value(v.tensors[v.inputs[1]], v.opset)
+
+
+def _update_computed_target(v: NodeView, edit) -> None:
+    """Rewrite the constant elements that spell changed output dims, in the constants they come from."""
+    changes: dict[tuple[str, int], dict[int, int]] = {}
+    for axis, entry in enumerate(_computed_target(v) or []):
+        new = edit.new_dim((v.outputs[0], axis))
+        if new is not None and isinstance(entry, Known) and entry.value not in (0, -1, new):
+            node_name, index, flat = entry.source
+            changes.setdefault((node_name, index), {})[flat] = new
+    nodes = {n.name: n for n in edit.graph.nodes} if changes else {}
+    for (node_name, index), elems in changes.items():
+        node = nodes[node_name]
+        values = np.array(node.inputs[index].values)
+        flat = values.reshape(-1)
+        for k, new in elems.items():
+            flat[k] = new
+        edit.set_input_const(node, index, flat.reshape(values.shape))
 
 
 @register("Transpose")
@@ -335,6 +415,15 @@ class Resize(OpRule):
         edit.set_input_const(v.node, 3, values)
 
 
+def _flattens_keeping_last_axis(reader: gs.Node, x: gs.Tensor, axis: int, opset: int) -> bool:
+    """`x.view(-1, x.size(-1))` (GPT-2's Conv1D): the last axis is read only to stay the last axis,
+    so the target follows the channel count of x whatever it becomes."""
+    if reader.op != "Reshape" or reader.inputs[0] is not x or x.shape is None or axis != len(x.shape) - 1:
+        return False
+    target = shape_value(reader.inputs[1], opset)
+    return bool(target) and target[-1] == Dim(x.name, axis) and Dim(x.name, axis) not in target[:-1]
+
+
 @register("Shape")
 class Shape(OpRule):
     """Reading a tensor's shape is safe when no consumer picks out the channel dim."""
@@ -346,11 +435,118 @@ class Shape(OpRule):
         end = end % (rank + 1) if end < 0 else min(end, rank)
         if not start <= slot[1] < end:
             return []
-        position = slot[1] - start
-        for consumer in v.tensors[v.outputs[0]].outputs:
-            if consumer.op != "Gather" or not isinstance(consumer.inputs[1], gs.Constant):
-                return Freeze(f"shape of a channel tensor is used by {consumer.op} '{consumer.name}'")
-            picked = np.asarray(consumer.inputs[1].values).reshape(-1) % (end - start)
-            if position in picked:
-                return Freeze(f"channel count is read at run time by Gather '{consumer.name}'")
+        readers = dim_readers(v.node, slot[1], v.opset)
+        if readers is None:
+            return Freeze("shape of a channel tensor feeds a computation onnxprune cannot follow")
+        readers = [r for r in readers if not _flattens_keeping_last_axis(r, v.node.inputs[0], slot[1], v.opset)]
+        if readers:
+            return Freeze(f"channel count is read at run time by {readers[0].op} '{readers[0].name}'")
         return []
+
+
+@register("Expand")
+class Expand(OpRule):
+    """Broadcast to a target shape (GQA's repeat of K/V heads). An axis the input carries in full
+    passes through; its target entry must be 1, a constant (rewritten with the kept count) or the
+    input's own dim read at run time."""
+
+    value_preserving = True
+
+    def anchors(self, v: NodeView) -> list[Slot]:
+        """In a repeat (an axis of size 1 broadcast right after a full axis, as K/V heads are repeated
+        for grouped-query attention) the full axis carries the channels, not the copies."""
+        x, y = v.inputs[0], v.outputs[0]
+        rx, ry = v.rank(x), v.rank(y)
+        if rx is None or ry is None or rx != ry or ry < 5:  # [B, kv_heads, 1, S, D]: masks are rank 4
+            return []
+        return [(y, a) for a in range(1, ry - 1)
+                if (v.dim((x, a)) or 1) > 1 and v.dim((x, a)) == v.dim((y, a))
+                and v.dim((x, a + 1)) == 1 and (v.dim((y, a + 1)) or 1) > 1]
+
+    def ties(self, v: NodeView, slot: Slot):
+        x, y = v.inputs[0], v.outputs[0]
+        rx, ry = v.rank(x), v.rank(y)
+        if slot[0] not in (x, y) or rx is None or ry is None:
+            return Freeze("Expand target shape is not a channel tensor, or ranks are unknown")
+        out_axis = slot[1] + (ry - rx if slot[0] == x else 0)
+        in_axis = out_axis - (ry - rx)
+        n = v.dim((y, out_axis))
+        if n is None or in_axis < 0 or v.dim((x, in_axis)) != n:
+            return Freeze("Expand broadcasts the channel axis")
+        target = ([Known(int(t)) for t in v.const(v.inputs[1]).reshape(-1)] if v.is_const(v.inputs[1])
+                  else _computed_target(v))
+        entry = target[out_axis] if target is not None and len(target) == ry else None
+        if not (isinstance(entry, Known) and entry.value in (1, n)) and entry != Dim(x, in_axis):
+            return Freeze("Expand target for the channel axis is computed at run time")
+        return [identity((x, in_axis), (y, out_axis), n)]
+
+    def update(self, v: NodeView, edit) -> None:
+        if not v.is_const(v.inputs[1]):
+            return _update_computed_target(v, edit)
+        target = v.const(v.inputs[1]).copy()
+        for axis in range(len(target)):
+            new = edit.new_dim((v.outputs[0], axis))
+            if new is not None and target[axis] != 1:
+                target[axis] = new
+        edit.set_input_const(v.node, 1, target)
+
+
+@register("Gather")
+class Gather(OpRule):
+    """Gather with constant indices. Axes other than the gathered one pass through (ViT's class
+    token `x[:, 0]`); on the gathered axis each output element is the input element its index
+    names (the dynamo exporter's `as_strided` on a flattened tensor), and the indices are rewritten
+    to the kept positions. A scalar index on the channel axis picks one channel: frozen."""
+
+    value_preserving = True
+
+    def _layout(self, v: NodeView):
+        x, idx, y = v.inputs[0], v.const(v.inp(1)), v.outputs[0]
+        rank = v.rank(x)
+        if idx is None or rank is None:
+            return Freeze("Gather indices are computed at run time, or the rank is unknown")
+        return x, idx, y, v.attr("axis", 0) % rank
+
+    def ties(self, v: NodeView, slot: Slot):
+        layout = self._layout(v)
+        if isinstance(layout, Freeze):
+            return layout
+        x, idx, y, axis = layout
+        if slot[0] not in (x, y):
+            return Freeze("Gather indices are not a channel tensor")
+        in_axis = slot[1] if slot[0] == x else _gather_in_axis(slot[1], axis, idx.ndim)
+        out_axis = slot[1] if slot[0] == y else (slot[1] if slot[1] < axis else slot[1] + idx.ndim - 1)
+        if in_axis is not None and in_axis != axis:
+            n = v.dim((x, in_axis))
+            return [identity((x, in_axis), (y, out_axis), n)] if n else Freeze("unknown channel count at Gather")
+        wide = [k for k, d in enumerate(idx.shape) if d != 1]
+        n = v.dim((x, axis))
+        if n is None or len(wide) != 1 or (slot[0] == y and slot[1] != axis + wide[0]):
+            return Freeze("Gather picks single elements of the channel axis")
+        picked = idx.reshape(-1) % n
+        return [Tie((x, axis), (y, axis + wide[0]), picked, np.arange(len(picked)))]
+
+    def update(self, v: NodeView, edit) -> None:
+        layout = self._layout(v)
+        x, idx, y, axis = layout
+        kept_in = edit.kept((x, axis))
+        wide = [k for k, d in enumerate(idx.shape) if d != 1]
+        if kept_in is None or len(wide) != 1:
+            return
+        n = v.dim((x, axis))
+        picked = idx.reshape(-1) % n
+        kept_out = edit.kept((y, axis + wide[0]))
+        kept_out = np.arange(len(picked)) if kept_out is None else kept_out
+        new = np.searchsorted(kept_in, picked[kept_out]).astype(idx.dtype)
+        shape = list(idx.shape)
+        shape[wide[0]] = len(new)
+        edit.set_input_const(v.node, 1, new.reshape(shape))
+
+
+def _gather_in_axis(out_axis: int, axis: int, index_rank: int) -> int | None:
+    """The data axis an output axis of Gather comes from (None: an axis of the indices)."""
+    if out_axis < axis:
+        return out_axis
+    if out_axis >= axis + index_rank:
+        return out_axis - index_rank + 1
+    return None

@@ -2,13 +2,15 @@
 
 Output features are weight columns (rows with transB); input features are weight rows. A MatMul
 between two run-time tensors contracts activations with each other and is not a weight layer:
-its contracted axis is frozen here (attention rules handle the head structure).
+`onnxprune.ops.attention` gives its ties (batch/head axes pass through, the contraction pairs up).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.ops.attention import (activation_matmul_anchors, activation_matmul_propagate, activation_matmul_ties,
+                                     is_activation_matmul)
 from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, ValueTable, identity, register
 
 
@@ -83,11 +85,23 @@ class MatMul(OpRule):
         w = v.inp(1)
         return [(w, 1)] if v.is_const(w) and v.rank(w) == 2 else []
 
+    def anchors(self, v: NodeView) -> list[Slot]:
+        return activation_matmul_anchors(v) if is_activation_matmul(v) else []
+
+    def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
+        rank = v.rank(v.outputs[0])
+        contracted = {(v.inputs[0], (rank or 0) - 1), (v.inputs[1], (rank or 0) - 2)}
+        if is_activation_matmul(v) and slot in contracted:
+            return "MatMul of two activations contracts the channel axis: every dot product changes"
+        return None
+
     def roles(self, v: NodeView) -> dict[str, str]:
         return {v.inputs[1]: "weight"} if v.is_const(v.inputs[1]) else {}
 
     def ties(self, v: NodeView, slot: Slot):
         x, w, y = v.inputs[0], v.inputs[1], v.outputs[0]
+        if is_activation_matmul(v):
+            return activation_matmul_ties(v, slot)
         if not v.is_const(w) or v.rank(w) != 2 or v.is_const(x):
             return Freeze("MatMul without a constant 2-D weight")
         rank = v.rank(y)
@@ -104,6 +118,8 @@ class MatMul(OpRule):
         return [identity(slot, (other, slot[1]), n)]
 
     def propagate(self, v: NodeView, values: ValueTable) -> None:
+        if is_activation_matmul(v):
+            return activation_matmul_propagate(v, values)
         w = v.const(v.inputs[1])
         rank = v.rank(v.outputs[0])
         if w is None or w.ndim != 2 or rank is None:

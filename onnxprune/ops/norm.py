@@ -63,14 +63,43 @@ class InstanceNorm(_PerChannelNorm):
 
 @register("LayerNormalization")
 class LayerNorm(OpRule):
-    """Axes before `axis` pass through; the normalised axes are coupled across channels."""
+    """Axes before `axis` pass through. A single normalised (last) axis with per-channel scale and
+    bias can lose channels, but the mean and variance then cover fewer values, so the remaining
+    channels change: such groups prune in lossy mode only (see `lossy_reason`)."""
+
+    def _layout(self, v: NodeView):
+        """(x, y, rank, first normalised axis, per-channel parameter names) or a Freeze."""
+        x, y, rank = v.inputs[0], v.outputs[0], v.rank(v.inputs[0])
+        if rank is None:
+            return Freeze("LayerNormalization rank unknown")
+        params = [v.inp(i) for i in (1, 2) if v.inp(i)]
+        return x, y, rank, v.attr("axis", -1) % rank, params
 
     def ties(self, v: NodeView, slot: Slot):
-        rank = v.rank(v.inputs[0])
-        if rank is None or slot[0] not in (v.inputs[0], v.outputs[0]):
-            return Freeze("LayerNormalization parameters span the normalised axes")
-        if slot[1] >= v.attr("axis", -1) % rank:
-            return Freeze("LayerNormalization normalises over the channel axis")
-        n = v.dim(slot)
-        other = v.outputs[0] if slot[0] == v.inputs[0] else v.inputs[0]
-        return [identity(slot, (other, slot[1]), n)] if n else Freeze("unknown channel count")
+        layout = self._layout(v)
+        if isinstance(layout, Freeze):
+            return layout
+        x, y, rank, axis, params = layout
+        if slot[0] in (x, y) and slot[1] < axis:
+            n = v.dim(slot)
+            other = y if slot[0] == x else x
+            return [identity(slot, (other, slot[1]), n)] if n else Freeze("unknown channel count")
+        if axis != rank - 1:
+            return Freeze("LayerNormalization normalises over several axes together")
+        if any(v.out(i) is not None and v.tensors[v.out(i)].outputs for i in (1, 2)):
+            return Freeze("LayerNormalization mean/inv-std outputs are used")
+        n = v.dim((x, axis))
+        if n is None or any(v.const(p) is None or v.const(p).shape != (n,) for p in params):
+            return Freeze("LayerNormalization scale/bias are not per-channel constants")
+        if slot not in {(x, axis), (y, axis)} | {(p, 0) for p in params}:
+            return Freeze("LayerNormalization does not carry channels there")
+        return [identity((x, axis), (y, axis), n)] + [identity((x, axis), (p, 0), n) for p in params]
+
+    def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
+        layout = self._layout(v)
+        if isinstance(layout, Freeze) or (slot[0] in layout[:2] and slot[1] < layout[3]):
+            return None
+        return "LayerNormalization normalises over the channel axis: removing channels changes the statistics"
+
+    def roles(self, v: NodeView) -> dict[str, str]:
+        return dict(zip([v.inp(1), v.inp(2)], ("scale", "bias"))) if v.inp(1) else {}

@@ -55,6 +55,12 @@ def _copy_along_ties(node, ties, table: ValueTable) -> None:
         out = table.get(dst)
         if vals is not None and out is not None:
             out[di] = vals[si]
+            if len(np.unique(di)) < len(di):  # many elements onto one (a head's D features): all must agree
+                lo, hi = np.full(len(out), np.inf), np.full(len(out), -np.inf)
+                with np.errstate(invalid="ignore"):  # NaN (not constant) propagates into lo/hi
+                    np.minimum.at(lo, di, vals[si])
+                    np.maximum.at(hi, di, vals[si])
+                out[np.unique(di[lo[di] != hi[di]])] = np.nan
 
 
 def find_dead_channels(analysis: Analysis) -> DeadChannels:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie
+from onnxprune.ops.base import SUPPORTED_OPSETS, Defer
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ChannelGroup:
     members: list[Member]
     producers: list[str]
     frozen: list[str] = field(default_factory=list)
+    lossy_only: list[str] = field(default_factory=list)
+    """Reasons removing any channel changes the kept ones (normalisation statistics): lossless
+    mode freezes the group with them."""
 
     @property
     def prunable(self) -> bool:
@@ -71,6 +75,12 @@ class Analysis:
             if hit:
                 group.frozen.append(f"excluded by user ({hit[0]})")
 
+    def freeze_lossy(self) -> None:
+        """Lossless mode: freeze groups whose removal would change the kept channels' values."""
+        for group in self.groups:
+            if group.lossy_only and not group.frozen:
+                group.frozen.extend(f"{r} (lossy mode only)" for r in group.lossy_only)
+
     def summary(self) -> dict:
         frozen = [g for g in self.groups if g.frozen]
         return {
@@ -102,6 +112,8 @@ class _Walk:
         self.graph, self.tensors, self.opset = graph, tensors, opset
         self.io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
         self.implicit = _subgraph_reads(graph)
+        lo, hi = SUPPORTED_OPSETS
+        self.opset_note = "" if lo <= opset <= hi else f"opset {opset} is outside the opsets the op rules know ({lo}..{hi})"
         self.order: list[Slot] = []
         self.seen: set[Slot] = set()
         self.ties: list[Tie] = []
@@ -109,9 +121,13 @@ class _Walk:
         self.frozen: dict[Slot, list[str]] = defaultdict(list)
         self.seeded_by: dict[Slot, str] = {}
         self.roles: dict[str, str] = {}
+        self.settled = False
+        self.deferred: list[tuple[Slot, gs.Node]] = []
+        self.lossy: dict[Slot, list[str]] = defaultdict(list)
 
     def run(self) -> None:
         queue: list[Slot] = []
+        anchors: list[Slot] = []
         for node in self.graph.nodes:
             rule = rule_for(node, self.opset)
             if rule is None:
@@ -120,7 +136,19 @@ class _Walk:
             for slot in rule.seeds(view):
                 self.seeded_by.setdefault(slot, node.name)
                 queue.append(slot)
+            anchors.extend(rule.anchors(view))
             self.roles.update(rule.roles(view))
+        self._explore(anchors)  # structural channel axes first: see OpRule.anchors
+        self._explore(queue)
+        while self.deferred:  # decide deferred rules one at a time, each seeing the others' outcome
+            slot, node = self.deferred.pop(0)
+            self.settled = True
+            found = self._ask(slot, node)
+            self.settled = False
+            self.ties.extend(found)
+            self._explore([s for tie in found for s in (tie.a, tie.b)])
+
+    def _explore(self, queue: list[Slot]) -> None:
         head = 0
         while head < len(queue):
             slot = queue[head]
@@ -142,27 +170,37 @@ class _Walk:
             self.frozen[slot].append(f"{name} is a graph input or output")
         if name in self.implicit:
             self.frozen[slot].append(f"{name} is read inside the subgraph of {self.implicit[name]}")
+        if self.opset_note:
+            self.frozen[slot].append(self.opset_note)
         found: list[Tie] = []
-        nodes = list(tensor.inputs) + list(tensor.outputs)
-        for node in nodes:
-            rule = rule_for(node, self.opset)
-            where = f"{node.op} '{node.name}'"
-            if rule is None:
-                domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx", None) else ""
-                self.frozen[slot].append(f"{where}: no channel rule for {node.op}{domain}")
-                continue
-            try:
-                result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen), slot)
-            except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
-                result = Freeze(f"rule could not read the node ({type(exc).__name__}: {exc})")
-            if isinstance(result, Freeze):
-                self.frozen[slot].append(f"{where}: {result.reason}")
-                continue
-            for tie in result:
-                self.node_ties[node.name].append(tie)
-            found.extend(result)
+        for node in list(tensor.inputs) + list(tensor.outputs):
+            found.extend(self._ask(slot, node))
         self.ties.extend(found)
         return found
+
+    def _ask(self, slot: Slot, node: gs.Node) -> list[Tie]:
+        """The ties one node's rule gives for a slot; a freeze is recorded, a deferral queued."""
+        rule = rule_for(node, self.opset)
+        where = f"{node.op} '{node.name}'"
+        if rule is None:
+            domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx", None) else ""
+            self.frozen[slot].append(f"{where}: no channel rule for {node.op}{domain}")
+            return []
+        try:
+            result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen, self.settled), slot)
+        except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
+            result = Freeze(f"rule could not read the node ({type(exc).__name__}: {exc})")
+        if isinstance(result, Defer):
+            self.deferred.append((slot, node))
+            return []
+        if isinstance(result, Freeze):
+            self.frozen[slot].append(f"{where}: {result.reason}")
+            return []
+        self.node_ties[node.name].extend(result)
+        reason = rule.lossy_reason(NodeView(node, self.tensors, self.opset), slot) if result else None
+        if reason:
+            self.lossy[slot].append(f"{where}: {reason}")
+        return list(result)
 
     def sizes(self) -> dict[Slot, int]:
         sizes: dict[Slot, int] = {}
@@ -238,13 +276,20 @@ def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         label = new
 
 
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values. np.unique's hash path (numpy >= 2.3) is ~100x slower than a sort
+    on the million-element label arrays of transformer models."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
+
+
 def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], sizes: dict[Slot, int],
             walk: _Walk) -> list[ChannelGroup]:
     slot_id = np.repeat(np.arange(len(slots)), [sizes[s] for s in slots])
     n_slots = max(len(slots), 1)
-    pairs = np.unique(labels * n_slots + slot_id)
+    pairs = _unique(labels * n_slots + slot_id)
     comp, comp_slot = pairs // n_slots, pairs % n_slots
-    starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
+    starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]]) if len(comp) else comp  # no slots at all
     by_signature: dict[tuple, list[int]] = defaultdict(list)
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(comp)
@@ -258,6 +303,8 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
         unit_of[comps] = np.arange(len(comps))
     members: dict[int, list[Member]] = defaultdict(list)
     for slot in slots:
+        if sizes[slot] == 0:  # an axis of unknown size that nothing tied: no elements, no member
+            continue
         lab = labels[offsets[slot]:offsets[slot] + sizes[slot]]
         gids, units = group_of[lab], unit_of[lab]
         order = np.argsort(gids, kind="stable")
@@ -275,5 +322,6 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
         key = f"{anchor[0]}:{anchor[1]}" + (f"@{first}" if first else "")
         frozen = sorted({r for m in group_members for r in walk.frozen.get(m.slot, [])})
         producers = sorted({walk.seeded_by[m.slot] for m in group_members if m.slot in walk.seeded_by})
-        groups.append(ChannelGroup(gid, key, len(by_signature[sig]), group_members, producers, frozen))
+        lossy = sorted({r for m in group_members for r in walk.lossy.get(m.slot, [])})
+        groups.append(ChannelGroup(gid, key, len(by_signature[sig]), group_members, producers, frozen, lossy))
     return groups

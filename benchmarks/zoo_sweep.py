@@ -1,0 +1,256 @@
+"""Compatibility sweep: every torchvision model of the catalogue through all three exporters.
+
+    python benchmarks/zoo_sweep.py                    # everything, writes docs/compatibility.md
+    python benchmarks/zoo_sweep.py resnet18 swin_t    # a subset (the doc keeps the other rows)
+
+Each model runs in its own process (a crash or a timeout costs one row, not the sweep). Per model
+and exporter: the model is exported once with dead channels planted in torch (tests/torch_export.py),
+pruned at ratio 0.5 (l1) and run in ONNX Runtime next to the original (output shapes must match),
+then pruned losslessly (max output difference relative to the output scale must stay <= 1e-4).
+When torch-pruning is installed, its MagnitudePruner (L1, ratio 0.5, classifier output layers
+ignored, no fine-tuning) runs on the same random-init torch model for comparison. The table goes
+into docs/compatibility.md between the torchvision markers; other sections are left untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "compatibility.md"
+BEGIN, END = "<!-- begin: torchvision -->", "<!-- end: torchvision -->"
+LOSSLESS_TOL = 1e-4
+TP_TOL = 1e-3
+"""Compare removed *shares*: ONNX counts a folded BN as one bias per channel where torch counts
+gamma and beta, so absolute counts differ by representation; 0.1 point absorbs that."""
+TIMEOUT_S = 1500
+
+_CHILD = r"""
+import json, sys, time, traceback
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import torchvision_zoo as zoo
+from torch_export import VARIANTS
+entry, out = zoo.BY_NAME[sys.argv[2]], Path(sys.argv[3])
+rows = []
+for variant in VARIANTS:
+    row = {"model": entry.name, "family": entry.family, "exporter": variant}
+    t0 = time.perf_counter()
+    try:
+        model = zoo.export_cached(entry, variant, out, dead=True)
+    except Exception as exc:
+        row["error"] = "export failed: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        rows.append(row); continue
+    row["export_s"] = time.perf_counter() - t0
+    try:
+        result, check = zoo.prune_and_run(model, ratio=0.5)
+        row.update(check.__dict__)
+    except Exception as exc:
+        row["error"] = f"prune failed: {type(exc).__name__}: {str(exc)[:160]}"
+        rows.append(row); continue
+    try:
+        lossless, err = zoo.lossless_error(model)
+        row["lossless_removed"] = lossless.report.channels_removed
+        row["lossless_err"] = err
+    except Exception as exc:
+        row["lossless_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    rows.append(row)
+print("ROWS " + json.dumps(rows))
+"""
+
+_TP_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch_pruning as tp
+import torchvision_zoo as zoo
+entry = zoo.BY_NAME[sys.argv[2]]
+model = zoo.build(entry)
+x = zoo.example_input(entry)
+with torch.no_grad():
+    y = model(x)
+outs = list(y.values()) if isinstance(y, dict) else [y]
+classes = {o.shape[1] for o in outs}
+ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features in classes
+           or isinstance(m, torch.nn.Conv2d) and m.out_channels in classes and m.out_channels != m.in_channels]
+before = sum(p.numel() for p in model.parameters())
+try:
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=0.5, ignored_layers=ignored)
+    pruner.step()
+    with torch.no_grad():
+        y2 = model(x)
+    outs2 = list(y2.values()) if isinstance(y2, dict) else [y2]
+    if [o.shape for o in outs2] != [o.shape for o in outs]:
+        raise RuntimeError("output shape changed")
+    after = sum(p.numel() for p in model.parameters())
+    print("TP " + json.dumps({"before": before, "after": after}))
+except Exception as exc:
+    print("TP " + json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}))
+"""
+
+
+def run_model(name: str, directory: Path) -> list[dict]:
+    tests = str(ROOT / "tests")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, tests, name, str(directory)], capture_output=True,
+                              text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [{"model": name, "exporter": "all", "error": f"timed out after {TIMEOUT_S} s"}]
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
+    if line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return [{"model": name, "exporter": "all", "error": f"process failed: {tail}"}]
+    return json.loads(line[5:])
+
+
+def run_torch_pruning(name: str) -> dict:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return {"error": "torch-pruning not installed"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TP_CHILD, str(ROOT / "tests"), name], capture_output=True,
+                              text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TP ")), None)
+    if line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
+    return json.loads(line[3:])
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _row(r: dict, tp: dict) -> str:
+    head = f"| {r['model']} | {r['exporter']} "
+    if "error" in r:
+        return head + f"| – | – | – | – | **{r['error']}** | – |"
+    removed = 1 - r["params_after"] / r["params_before"]
+    lossless = (f"exact ({r['lossless_err']:.1e}), {r['lossless_removed']} ch" if "lossless_err" in r
+                and r["lossless_err"] <= LOSSLESS_TOL else
+                f"**{r.get('lossless_error') or 'inexact ' + format(r.get('lossless_err', float('nan')), '.1e')}**")
+    reasons = "; ".join(f"{k} ×{n}" for k, n in r["frozen_reasons"][:3])
+    status = "ok" if r["shapes_equal"] else "**output shapes differ**"
+    if "error" in tp:
+        versus = f"fails ({tp['error'][:60]})"
+    else:
+        tp_removed = tp["before"] - tp["after"]
+        share = tp_removed / tp["before"]
+        versus = f"{_millions(tp_removed)} ({share:.1%})" + ("" if removed >= share - TP_TOL else " **(more)**")
+    return (head + f"| {_millions(r['params_before'])} → {_millions(r['params_after'])} ({removed:.1%}) "
+            f"| {r['macs_before'] / 1e6:.1f}M → {r['macs_after'] / 1e6:.1f}M "
+            f"| {r['groups_pruned']} / {r['groups_frozen']} | {reasons} | {status}; lossless {lossless} | {versus} |")
+
+
+def table(rows: list[dict], tp: dict[str, dict]) -> str:
+    lines = [
+        "Generated by `python benchmarks/zoo_sweep.py` (random-init weights, ratio 0.5, l1, local scope).",
+        "Params are the ONNX initializers (BN folded or not, as exported); \"removed\" is the fraction of",
+        "params gone. Groups: pruned / frozen, with the most frequent freeze reasons. Lossless: channels",
+        f"planted dead in torch removed with outputs within {LOSSLESS_TOL:g} of the output scale.",
+        "Torch-Pruning: torch params its MagnitudePruner (L1, ratio 0.5, classifier ignored) removes from",
+        "the same architecture; **(more)** marks a row where it removes a larger share of params than",
+        f"onnxprune (by more than {TP_TOL:.1%}: shares are compared, since folded BN counts differ).",
+        "",
+        "| model | exporter | params before → after (removed) | MACs before → after | groups pruned / frozen "
+        "| top freeze reasons | status | Torch-Pruning removes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_row(r, tp.get(r["model"], {"error": "not run"})) for r in rows]
+    return "\n".join(lines)
+
+
+NOTES = """
+### How the hard patterns are handled
+
+- **Channel shuffle** (ShuffleNetV2: Reshape → Transpose → Reshape): the reshape rule ties each
+  channel to its position in the split axes; the walk defers the ambiguous side of the shuffle until
+  the other side has chosen its axis, so both branches before the shuffle lose the same positions
+  and the shuffle stays a valid permutation. `chunk` (Slice bounds computed from `Shape` by the
+  TorchScript exporter) is constant-folded first, and its bounds are rewritten.
+- **Squeeze-and-excitation** (MobileNetV3, EfficientNet, RegNetY): the SE hidden width is its own
+  group; the gate's output channels couple with the main path through the broadcast Mul.
+- **Grouped convolutions** (ResNeXt, RegNet): per-group-uniform removal, `group` unchanged.
+- **Concat chains and channel slicing** (DenseNet, Inception, ShuffleNet): element-level ties
+  through every Concat / Split / Slice, constants rewritten.
+- **LayerNorm over channels behind permutes** (ConvNeXt, ViT, Swin, MaxViT): removing a channel
+  changes the normalisation statistics, so these groups prune in lossy mode only; `--lossless`
+  freezes them with the reason "normalises over the channel axis: removing channels changes the
+  statistics (lossy mode only)".
+- **Attention** (ViT, Swin, MaxViT): MLP hidden widths prune; heads prune where the attention rules
+  prove it safe; the residual stream freezes where a run-time `Expand` (ViT's class token) or
+  relative-position tables pin it, with the reason listed above.
+- **Segmentation heads** (FCN, DeepLabV3, LR-ASPP): Resize keeps channels apart; both graph
+  outputs (`out`, `aux`) keep their classes.
+- **Dynamo `as_strided`** (a Gather of a flattened tensor by constant indices): the indices are
+  rewritten to the kept positions.
+"""
+
+
+def write_section(body: str, notes: str = NOTES) -> None:
+    """Replace only the torchvision section of docs/compatibility.md (create the file if absent)."""
+    text = DOC.read_text() if DOC.exists() else "# Compatibility\n\n"
+    section = f"{BEGIN}\n## torchvision (classification and segmentation)\n\n{body}\n{notes}{END}"
+    if BEGIN in text and END in text:
+        start, stop = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:start] + section + text[stop:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    from onnxprune.ir import atomic_write_text
+
+    atomic_write_text(DOC, text)
+
+
+CACHE = Path(tempfile.gettempdir()) / "onnxprune_zoo_sweep"
+"""One JSON file of rows per model from earlier runs, so a subset run (or several runs at once)
+rewrites the doc with every model."""
+
+
+def _cached_rows() -> list[dict]:
+    return [r for path in sorted(CACHE.glob("*.json")) for r in json.loads(path.read_text())]
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torchvision_zoo import CATALOGUE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="catalogue names (default: all)")
+    parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only rewrite the doc from earlier runs")
+    args = parser.parse_args()
+    names = [] if args.render else (args.models or [m.name for m in CATALOGUE if m.sweep])
+    CACHE.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            t0 = time.perf_counter()
+            rows = run_model(name, Path(tmp))
+            tp = {"error": "skipped"} if args.no_torch_pruning else run_torch_pruning(name)
+            for r in rows:
+                r["tp"] = tp
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            for r in rows:
+                print("  " + _row(r, tp), file=sys.stderr)
+            (CACHE / f"{name}.json").write_text(json.dumps(rows))
+            for leftover in Path(tmp).glob(f"{name}-*.onnx"):
+                leftover.unlink()
+    saved = _cached_rows()
+    order = {m.name: k for k, m in enumerate(CATALOGUE)}
+    exporters = {"legacy-folded": 0, "legacy-bn": 1, "dynamo": 2}
+    rows = sorted(saved, key=lambda r: (order.get(r["model"], 999), exporters.get(r["exporter"], 3)))
+    write_section(table(rows, {r["model"]: r["tp"] for r in rows}))
+    failures = [r for r in rows if "error" in r or not r.get("shapes_equal") or r.get("lossless_err", 1) > LOSSLESS_TOL]
+    print(f"{len(rows)} rows, {len(failures)} with problems; wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Command line for the data-driven steps: `stats`, `stats merge`, `sensitivity`, and the `--data`
+argument shared by every command that reads data."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxprune.errors import InputError
+
+DATA_HELP = ("data: FILE.npz, a directory of .npz files or test_data_set_* folders, or name:file.npy pairs "
+             "(default: seeded random inputs)")
+
+
+class DataArg(argparse.Action):
+    """One path stays a string; several values (name:file.npy pairs) become a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def add_data_argument(parser: argparse.ArgumentParser, help_text: str = DATA_HELP) -> None:
+    parser.add_argument("--data", nargs="+", action=DataArg, metavar="DATA", help=help_text)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("stats", help="calibration statistics (additive; 'stats merge' joins shards)")
+    s.add_argument("inputs", nargs="+", metavar="MODEL | merge FILE...",
+                   help="a model, or 'merge' followed by statistics files")
+    s.add_argument("-o", "--output", required=True, metavar="FILE.npz")
+    add_data_argument(s, DATA_HELP.replace(" (default: seeded random inputs)", ""))
+    s.add_argument("--no-gram", action="store_true", help="skip the Gram matrices (no least-squares recovery)")
+    s.add_argument("--limit", type=int, metavar="N", help="read at most N samples")
+    s.add_argument("--quiet", action="store_true")
+
+    t = sub.add_parser("sensitivity", help="prune each group alone and measure the damage")
+    t.add_argument("model")
+    add_data_argument(t)
+    t.add_argument("--labels", default="label", metavar="NAME", help="labels array in the data (top-1 accuracy)")
+    t.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    t.add_argument("--criterion", default="l1")
+    t.add_argument("--recover", choices=["none", "bias", "lstsq", "lstsq-seq"], default="none")
+    t.add_argument("--stats", metavar="FILE.npz", help="saved statistics (instead of computing them)")
+    t.add_argument("--samples", type=int, default=512, help="evaluate on at most N samples (default 512)")
+    t.add_argument("--exclude", nargs="+", default=[], metavar="NAME")
+    t.add_argument("--json", metavar="FILE", help="write the curves as JSON")
+    t.add_argument("--plot", metavar="FILE.png", help="plot the curves (needs matplotlib: the 'plot' extra)")
+    t.add_argument("--quiet", action="store_true")
+
+
+def cmd_stats(args) -> int:
+    from onnxprune.passes.stats import merge_files
+
+    if args.inputs[0] == "merge":
+        if len(args.inputs) < 2:
+            raise InputError("stats merge needs at least one statistics file")
+        total = merge_files(args.inputs[1:])
+        total.save(args.output)
+        print(f"merged {len(args.inputs) - 1} file(s): {total.samples} samples -> {args.output}")
+        return 0
+    if len(args.inputs) != 1:
+        raise InputError("stats takes one model (or: stats merge FILE... -o OUT)")
+    if args.data is None:
+        raise InputError("stats needs --data")
+    from onnxprune.api import analyze
+    from onnxprune.ir import load_model
+    from onnxprune.passes.stats import collect
+
+    model = load_model(args.inputs[0])
+    stats = collect(model, analyze(model), args.data, grams=not args.no_gram, limit=args.limit, quiet=args.quiet)
+    stats.save(args.output)
+    print(f"{stats.samples} samples, {len(stats.slots)} channel slots, {len(stats.grams)} Gram matrices "
+          f"-> {args.output}")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from onnxprune.sensitivity import save_json, sensitivity
+
+    result = sensitivity(args.model, args.data, ratios=args.ratios, criterion=args.criterion, recover=args.recover,
+                         stats=args.stats, labels=args.labels, samples=args.samples, exclude=args.exclude,
+                         quiet=args.quiet)
+    print(result.table())
+    if args.json:
+        save_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        if result.plot(args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
+    return 0
+
+
+COMMANDS = {"stats": cmd_stats, "sensitivity": cmd_sensitivity}

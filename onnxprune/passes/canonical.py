@@ -1,0 +1,154 @@
+"""Exporter idioms rewritten, at import, into the plain form the op rules reason about.
+
+Both rewrites are exact (same values, bit for bit) and only make the channel structure visible:
+
+- Exporters deduplicate equal initializers: the TorchScript exporter through `Identity` nodes, the
+  dynamo exporter by feeding one initializer to many nodes. Random-init zero biases or planted
+  zero rows are then shared by unrelated layers and would tie their channels together, so each
+  extra use of a small constant gets a private copy (`<name>__shared<k>`); `rejoin_copies` shares
+  the copies that are still equal again before export, so an unpruned model does not grow.
+- The dynamo exporter also shares one computed reshape target among layers; each reader gets its
+  own Concat so a layer's head count can change alone.
+- The dynamo exporter decomposes `Kᵀ` of scaled dot-product attention into
+  Reshape [B·H, S, D] → Transpose → Reshape [B, H, D, S], which merges the head axis with the
+  symbolic batch axis; it is one Transpose(perm [0, 1, 3, 2]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.ops.shape_values import Dim, Known, shape_value
+
+SMALL_CONSTANT = 1 << 16
+"""Elements up to which a shared constant is copied (large shared tensors are shared on purpose:
+tied weights)."""
+
+COPY_MARK = "__shared"
+
+
+def canonicalize(graph: gs.Graph, opset: int) -> gs.Graph:
+    """Apply every rewrite of this module to `graph` in place; returns it."""
+    split_shared_constants(graph)
+    split_shared_shape_targets(graph)
+    fold_transpose_round_trips(graph, opset)
+    graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+    return graph
+
+
+def split_shared_constants(graph: gs.Graph) -> None:
+    """Give every extra reader of a small multi-element constant its own copy."""
+    for node in list(graph.nodes):  # Identity(initializer) is a shared constant by another name
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) and node.outputs[0] not in graph.outputs:
+            _replace(node.outputs[0], node.inputs[0])
+            node.outputs.clear()
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or not 1 < _size(tensor) <= SMALL_CONSTANT:
+                continue
+            k = uses.get(tensor.name, 0)
+            uses[tensor.name] = k + 1
+            if k:
+                node.inputs[i] = gs.Constant(f"{tensor.name}{COPY_MARK}{k}", np.array(tensor.values, copy=True))
+
+
+def split_shared_shape_targets(graph: gs.Graph) -> None:
+    """Give every Reshape/Expand its own Concat building its target shape.
+
+    The dynamo exporter builds one target such as [B, 4, S, 16] for the reshapes of several layers;
+    layers may keep different head counts, so each reader must own the constants it has rewritten.
+    """
+    for node in list(graph.nodes):
+        if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2:
+            continue
+        target = node.inputs[1]
+        if isinstance(target, gs.Constant) or len(target.inputs) != 1 or len(target.outputs) < 2:
+            continue
+        producer = target.inputs[0]
+        if producer.op != "Concat" or node is target.outputs[0]:
+            continue
+        own = gs.Variable(f"{target.name}_{node.name}", dtype=target.dtype, shape=target.shape)
+        graph.nodes.append(gs.Node("Concat", f"{producer.name}_{node.name}", attrs=dict(producer.attrs),
+                                   inputs=list(producer.inputs), outputs=[own]))
+        node.inputs[1] = own
+
+
+def rejoin_copies(graph: gs.Graph) -> None:
+    """Point readers of a copy made by `split_shared_constants` back at the original where the two
+    are still equal (neither was sliced, or both were sliced alike)."""
+    constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or COPY_MARK not in tensor.name:
+                continue
+            original = constants.get(tensor.name.rsplit(COPY_MARK, 1)[0])
+            if original is not None and _equal(original, tensor):
+                node.inputs[i] = original
+
+
+def fold_transpose_round_trips(graph: gs.Graph, opset: int) -> None:
+    """Reshape(x[B,H,S,D] → [-1,S,D]) → Transpose(0,2,1) → Reshape(→ [B,H,D,S]) becomes
+    Transpose(x, perm [0,1,3,2])."""
+    for last in list(graph.nodes):
+        first_t = _round_trip_source(last, opset)
+        if first_t is None:
+            continue
+        out = last.outputs[0]
+        last.outputs.clear()
+        graph.nodes.append(gs.Node("Transpose", f"{last.name}_as_transpose", attrs={"perm": [0, 1, 3, 2]},
+                                   inputs=[first_t], outputs=[out]))
+    graph.toposort()
+
+
+def _round_trip_source(last: gs.Node, opset: int) -> gs.Tensor | None:
+    """The x of the round trip ending at `last`, or None when `last` does not end one."""
+    if last.op != "Reshape" or len(last.inputs) < 2:
+        return None
+    mid = last.inputs[0]
+    if len(mid.inputs) != 1 or mid.inputs[0].op != "Transpose" or len(mid.outputs) != 1:
+        return None
+    transpose = mid.inputs[0]
+    if list(transpose.attrs.get("perm", [])) != [0, 2, 1]:
+        return None
+    flat = transpose.inputs[0]
+    if len(flat.inputs) != 1 or flat.inputs[0].op != "Reshape" or len(flat.outputs) != 1:
+        return None
+    first = flat.inputs[0]
+    x = first.inputs[0]
+    if x.shape is None or len(x.shape) != 4:
+        return None
+    d = [Dim(x.name, axis) for axis in range(4)]
+    into = _target(first, opset)
+    back = _target(last, opset)
+    if into != [Known(-1), d[2], d[3]] or back != [d[0], d[1], d[3], d[2]]:
+        return None
+    return x
+
+
+def _target(reshape: gs.Node, opset: int) -> list | None:
+    """A reshape target as Dim/Known entries (sources dropped, so entries compare by value)."""
+    shape = reshape.inputs[1]
+    if isinstance(shape, gs.Constant):
+        return [Known(int(v)) for v in np.asarray(shape.values).reshape(-1)]
+    entries = shape_value(shape, opset)
+    return None if entries is None else [Known(e.value) if isinstance(e, Known) else e for e in entries]
+
+
+def _replace(old: gs.Tensor, new: gs.Tensor) -> None:
+    for consumer in list(old.outputs):
+        for i, inp in enumerate(consumer.inputs):
+            if inp is old:
+                consumer.inputs[i] = new
+
+
+def _size(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape)) if tensor.shape is not None else 0
+
+
+def _equal(a: gs.Constant, b: gs.Constant) -> bool:
+    if tuple(a.shape) != tuple(b.shape) or _size(a) > SMALL_CONSTANT:
+        return False
+    va, vb = np.asarray(a.values), np.asarray(b.values)
+    return va.dtype == vb.dtype and np.array_equal(va, vb)

@@ -1,0 +1,154 @@
+"""Pin down dims that symbolic shape inference leaves unknown.
+
+Exporters with dynamic batch/sequence axes compute reshape targets at run time
+(Shape -> Gather -> Unsqueeze -> Concat, often with a -1), so symbolic inference calls the head
+count of `[B, S, -1, D]` a fresh unknown symbol. Inferring twice more with two different concrete
+sizes for every dynamic input dim settles it: a dim with the same value in both runs does not
+depend on the dynamic sizes, so it is that constant; one that differs stays symbolic. Where shape
+inference cannot follow the arithmetic at all (masks built by Where/Equal/Expand chains), the two
+probes are run in ONNX Runtime on neutral inputs (zeros) and the observed shapes are used instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import onnx
+
+_PROBES = ((3, 7, 11, 13, 17, 19, 23, 29), (5, 31, 37, 41, 43, 47, 53, 59))
+"""Concrete sizes per distinct dynamic input dim, one tuple per run (distinct primes, so two
+dims that merely coincide in one run do not look constant)."""
+
+
+def resolve_dims(skeleton: onnx.ModelProto, shapes: dict[str, tuple[int, tuple]],
+                 model: onnx.ModelProto | None = None) -> dict[str, tuple[int, tuple]]:
+    """`shapes` with every unknown or symbolic dim that is equal in both concrete runs made static.
+
+    Dims named by graph-input symbols are kept symbolic whatever the runs say.
+    """
+    runs = [_concrete_shapes(skeleton, sizes) for sizes in _PROBES]
+    if any(run is None for run in runs):
+        return shapes
+    if model is not None and any(None in dims for run in runs for dims in run.values()) and _small(model):
+        executed = [_executed_shapes(model, skeleton, sizes) for sizes in _PROBES]
+        if all(run is not None for run in executed):
+            runs = [{**run, **seen} for run, seen in zip(runs, executed)]
+    named = {d.dim_param for vi in skeleton.graph.input for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    inputs = {(sa, sb): key for key, sa, sb in _input_symbols(skeleton)}
+    symbols = dict(inputs)
+    resolved = dict(shapes)
+    for name, (elem, dims) in shapes.items():
+        first, second = runs[0].get(name), runs[1].get(name)
+        if first is None or second is None or len(first) != len(dims) or len(second) != len(dims):
+            continue
+        fixed = []
+        for d, a, b in zip(dims, first, second):
+            if (d is not None and not isinstance(d, str)) or d in named or a is None or b is None:
+                fixed.append(d)
+            elif a == b:
+                fixed.append(a)
+            else:  # the same run-time value under another name: one symbol per pair of probe values
+                name_ab = symbols.get((a, b)) or _product_name(a, b, inputs)
+                fixed.append(symbols.setdefault((a, b), name_ab or (d if d is not None else f"dyn_{a}_{b}")))
+        resolved[name] = (elem, tuple(fixed))
+    return resolved
+
+
+def _product_name(a: int, b: int, symbols: dict[tuple[int, int], str]) -> str | None:
+    """'4*batch*seq'-style name when the probe values are a static factor times input symbols.
+
+    Layout rules split such names on '*', so a flattened [B*S, C] lines up with [B, S, C].
+    """
+    base = [(key, sa, sb) for (sa, sb), key in symbols.items()]
+    for powers in itertools.product(range(3), repeat=len(base)):
+        pa = pb = 1
+        for (_, sa, sb), k in zip(base, powers):
+            pa, pb = pa * sa ** k, pb * sb ** k
+        if any(powers) and a % pa == 0 and a // pa * pb == b:
+            parts = [key for (key, _, _), k in zip(base, powers) for _ in range(k)]
+            return "*".join(([str(a // pa)] if a // pa != 1 else []) + parts)
+    return None
+
+
+def _input_symbols(skeleton: onnx.ModelProto) -> list[tuple[str, int, int]]:
+    """(dim name, size in probe 1, size in probe 2) of each named dynamic input dim."""
+    pinned = []
+    for sizes in _PROBES:
+        probe = onnx.ModelProto()
+        probe.graph.input.extend(skeleton.graph.input)
+        pinned.append(_pin_inputs(probe, sizes))
+    return [(key, pinned[0][key], pinned[1][key]) for key in pinned[0] if not key.startswith("?")]
+
+
+def _pin_inputs(probe: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[str, int]:
+    """Set every dynamic input dim of `probe` to one of `sizes` (one size per distinct symbol)."""
+    symbols: dict[str, int] = {}
+    for vi in probe.graph.input:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                continue
+            key = dim.dim_param or f"?{len(symbols)}"
+            if key not in symbols:
+                symbols[key] = sizes[len(symbols) % len(sizes)]
+            dim.dim_value = symbols[key]
+    return symbols
+
+
+def _concrete_shapes(skeleton: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[str, tuple] | None:
+    """Inferred dims (int or None) with each dynamic input dim set to one of `sizes`."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(skeleton)
+    del probe.graph.value_info[:]
+    if not _pin_inputs(probe, sizes):
+        return None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; symbolic shapes remain
+        return None
+    out: dict[str, tuple] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return out
+
+
+EXECUTE_MAX_BYTES = 512 << 20
+"""Models with more weight bytes are not run (the probe holds a copy of the weights)."""
+
+
+def _small(model: onnx.ModelProto) -> bool:
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer) <= EXECUTE_MAX_BYTES
+
+
+def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: tuple[int, ...]
+                     ) -> dict[str, tuple] | None:
+    """Shapes of every node output observed in ONNX Runtime on zero inputs of the probe sizes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    _pin_inputs(probe, sizes)
+    init = {t.name for t in probe.graph.initializer}
+    known = {o.name for o in probe.graph.output}
+    names = [o for n in probe.graph.node for o in n.output if o and o not in known and o not in init]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    feeds = {}
+    for vi in probe.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[vi.name] = np.zeros([d.dim_value for d in tt.shape.dim], dtype=dtype)
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its inferred shapes
+        return None
+    # an empty dim on zero inputs may be data-dependent (NonZero): it proves nothing
+    return {o.name: tuple(d or None for d in np.shape(value)) for o, value in zip(session.get_outputs(), outputs)}

@@ -1,0 +1,189 @@
+"""Recurrent networks from real exporters: torch nn.LSTM / GRU / RNN (legacy and dynamo) and Keras.
+
+Every model gets dead hidden units planted before export (all of a unit's gate rows and biases
+zero, so its state stays exactly 0). Then:
+- lossless pruning removes exactly those units, the outputs are unchanged, and the weights left
+  number as many as the parameters of the same architecture built narrower;
+- pruning at ratio 0.5 gives a model that passes the full checker and runs with the same output
+  shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from onnxprune.verify import random_inputs, session
+
+HIDDEN, FEATURES, STEPS, BATCH = 8, 5, 4, 2
+DEAD = (1, 5)
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def weight_count(model: onnx.ModelProto) -> int:
+    """Elements of float initializers that are not all zero (exporters add zero initial states)."""
+    total = 0
+    for init in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(init)
+        if np.issubdtype(array.dtype, np.floating) and np.any(array):
+            total += array.size
+    return total
+
+
+def hidden_sizes(model: onnx.ModelProto) -> list[int]:
+    return [a.i for n in model.graph.node if n.op_type in RECURRENT for a in n.attribute if a.name == "hidden_size"]
+
+
+def assert_same_outputs(model: onnx.ModelProto, pruned: onnx.ModelProto, tol: float = 1e-5) -> None:
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = random_inputs(model, 0)
+    for a, b in zip(session(model).run(None, feeds), session(pruned).run(None, feeds)):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
+def assert_half_pruned_runs(model: onnx.ModelProto) -> onnxprune.PruneResult:
+    result = onnxprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = random_inputs(model, 1)
+    for a, b in zip(session(model).run(None, feeds), session(result.model).run(None, feeds)):
+        assert a.shape == b.shape
+    assert result.report.after.params < result.report.before.params
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+CASES = [  # (cell, exporter, layers, bidirectional, batch_first)
+    ("LSTM", "legacy-folded", 2, True, False),
+    ("LSTM", "dynamo", 2, True, True),
+    ("GRU", "legacy-folded", 2, False, True),
+    ("GRU", "dynamo", 2, True, False),
+    ("RNN", "legacy-folded", 2, True, False),
+    ("RNN", "dynamo", 1, False, True),
+]
+
+
+def _torch_model(cell: str, layers: int, bidirectional: bool, batch_first: bool, hidden: int):
+    import torch
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = getattr(torch.nn, cell)(FEATURES, hidden, num_layers=layers, bidirectional=bidirectional,
+                                               batch_first=batch_first)
+            self.fc = torch.nn.Linear(hidden * (2 if bidirectional else 1), 3)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.fc(y.mean(1 if batch_first else 0))
+
+    torch.manual_seed(0)
+    return Classifier()
+
+
+def plant_dead_units(rnn, units: tuple[int, ...]) -> None:
+    """Zero every gate row and bias entry of `units`, in every layer and direction."""
+    import torch
+
+    hidden = rnn.hidden_size
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            gates = param.shape[0] // hidden
+            rows = [g * hidden + u for g in range(gates) for u in units]
+            param[rows] = 0
+
+
+@pytest.fixture(scope="module")
+def torch_exports(tmp_path_factory):
+    """Per case: the export with dead units planted, and the weight count of the same architecture
+    built narrower: its torch parameters, or its export's weights where the exporter unrolls the
+    recurrence and adds folded constants (dynamo's nn.RNN)."""
+    pytest.importorskip("torch")
+    import torch
+
+    from torch_export import export
+
+    folder = tmp_path_factory.mktemp("recurrent")
+    made = {}
+    for case in CASES:
+        cell, exporter, layers, bidirectional, batch_first = case
+        shape = (BATCH, STEPS, FEATURES) if batch_first else (STEPS, BATCH, FEATURES)
+        planted = _torch_model(cell, layers, bidirectional, batch_first, HIDDEN)
+        plant_dead_units(planted.rnn, DEAD)
+        narrow = _torch_model(cell, layers, bidirectional, batch_first, HIDDEN - len(DEAD))
+        x = torch.randn(*shape)
+        model = export(planted, (x,), folder / f"{cell}_{exporter}_{layers}.onnx", exporter)
+        expected = sum(p.numel() for p in narrow.parameters())
+        if not hidden_sizes(model):
+            expected = weight_count(export(narrow, (x,), folder / f"{cell}_{exporter}_narrow.onnx", exporter))
+        made[case] = (model, expected)
+    return made
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_torch_dead_units_removed_exactly(torch_exports, case):
+    model, narrow_weights = torch_exports[case]
+    result = onnxprune.prune(model, lossless=True)
+    assert_same_outputs(model, result.model)
+    assert all(h == HIDDEN - len(DEAD) for h in hidden_sizes(result.model))  # dynamo unrolls nn.RNN: none
+    assert weight_count(result.model) == narrow_weights
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_torch_prune_half(torch_exports, case):
+    model = torch_exports[case][0]
+    result = assert_half_pruned_runs(model)
+    assert all(h == HIDDEN // 2 for h in hidden_sizes(result.model))
+
+
+# ---------------------------------------------------------------------------------------------- keras
+
+@pytest.fixture(scope="module")
+def keras_lstm(tmp_path_factory):
+    """Exports of a stacked Keras LSTM classifier with dead units planted, and of the same built
+    narrower."""
+    pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    import keras_export  # noqa: F401  (sets the backend before keras is imported)
+    import keras
+
+    def build(units: int):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((STEPS, FEATURES))
+        h = keras.layers.LSTM(units, return_sequences=True)(inp)
+        h = keras.layers.LSTM(units)(h)
+        return keras.Model(inp, keras.layers.Dense(3)(h))
+
+    planted = build(HIDDEN)
+    for layer in planted.layers:
+        if isinstance(layer, keras.layers.LSTM):
+            kernel, recurrent, bias = layer.get_weights()  # Keras gate order i, f, c, o along the last axis
+            cols = [g * HIDDEN + u for g in range(4) for u in DEAD]
+            kernel[:, cols], recurrent[:, cols], bias[cols] = 0, 0, 0
+            layer.set_weights([kernel, recurrent, bias])
+    folder = tmp_path_factory.mktemp("keras")
+    paths = [keras_export.export(m, (STEPS, FEATURES), folder / f"{name}.onnx", "keras")
+             for name, m in (("planted", planted), ("narrow", build(HIDDEN - len(DEAD))))]
+    return onnx.load(paths[0]), onnx.load(paths[1])
+
+
+@pytest.mark.keras
+def test_keras_lstm_dead_units_removed_exactly(keras_lstm):
+    model, narrow = keras_lstm
+    assert "LSTM" in {n.op_type for n in model.graph.node}
+    result = onnxprune.prune(model, lossless=True)
+    assert_same_outputs(model, result.model)
+    assert hidden_sizes(result.model) == hidden_sizes(narrow) == [HIDDEN - len(DEAD)] * 2
+    # ONNX holds a W-bias and an R-bias per gate (Keras one) and drops Keras' zero Dense bias,
+    # so the reference count is the narrower model's export, not Keras' count_params.
+    assert weight_count(result.model) == weight_count(narrow)
+
+
+@pytest.mark.keras
+def test_keras_lstm_prune_half(keras_lstm):
+    result = assert_half_pruned_runs(keras_lstm[0])
+    assert hidden_sizes(result.model) == [HIDDEN // 2] * 2
