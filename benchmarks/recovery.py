@@ -32,14 +32,16 @@ def onnxprune_rows(model: onnx.ModelProto, calib: str, images, labels) -> list[t
     rows = []
     settings = [(c, r, None) for c in ("l1", "activation") for r in ("none", "bias", "lstsq")]
     settings += [("activation", r, "auto") for r in ("none", "bias", "lstsq")]
+    settings.insert(1, ("l1", "bias", "data-free"))
     for criterion, recover, plan in settings:
         accs = []
         for removed in REMOVED:
-            kwargs = dict(data=calib, plan="auto") if plan else {}
+            kwargs = dict(data=calib, plan="auto") if plan == "auto" else {}
+            given = None if plan == "data-free" else stats
             result = onnxprune.prune(model, criterion=criterion, target_macs=1 - removed, recover=recover,
-                                     stats=stats, quiet=True, **kwargs)
+                                     stats=given, quiet=True, **kwargs)
             accs.append(accuracy(result.model, images, labels))
-        name = f"onnxprune {criterion}" + (" --plan auto" if plan else "")
+        name = f"onnxprune {criterion}" + {"auto": " --plan auto", "data-free": " (no data, BN stats)"}.get(plan, "")
         rows.append((name, recover, accs))
     return rows
 

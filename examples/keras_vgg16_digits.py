@@ -49,8 +49,12 @@ def build_and_train(x_train, y_train, epochs: int, seed: int = 0):
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIDE, SIDE, 3))
     base.trainable = False
     cached = base.predict(x_train, batch_size=256, verbose=0)
-    normalize = layers.Normalization(axis=-1)  # per-channel mean/variance: random features are tiny
-    normalize.adapt(cached)
+    # Standardise each channel (random features are tiny): a frozen BatchNormalization holding
+    # the feature statistics, exported as channel-last Mul/Add constants.
+    normalize = layers.BatchNormalization(epsilon=1e-12, trainable=False)
+    normalize.build(cached.shape)
+    flat = cached.reshape(-1, cached.shape[-1])
+    normalize.set_weights([np.ones(flat.shape[1]), np.zeros(flat.shape[1]), flat.mean(0), flat.var(0)])
     head = keras.Sequential([
         keras.Input(cached.shape[1:]), normalize,
         layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dense(10, activation="softmax"),

@@ -125,9 +125,14 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _refuse_overwriting_input_data(args) -> None:
-    """The output's data file (named, or the default used above 2 GB) must not replace an input file."""
+    """No output (the data file, named or the default used above 2 GB; reports; plans) may replace an
+    input file."""
     from onnxprune.external_data import referenced_files
 
+    for flag in ("report", "save_plan", "html"):
+        side = getattr(args, flag, None)
+        if side and _same_file(args.model, side):
+            raise InputError(f"{side}: --{flag.replace('_', '-')} would overwrite the input model")
     out = Path(args.output)
     name = args.save_external_data if isinstance(args.save_external_data, str) else out.name + ".data"
     data = out.parent / name

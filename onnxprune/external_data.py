@@ -46,16 +46,22 @@ def payload_bytes(tensor: onnx.TensorProto) -> int | None:
     return (numel * bits + 7) // 8
 
 
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers (sparse too), node attributes, subgraphs, functions."""
-    yield from _graph_tensors(model.graph)
+def all_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers (sparse too), node attributes, subgraphs, functions.
+
+    With `initializers=False`, the main graph's dense initializers are left out.
+    """
+    if initializers:
+        yield from model.graph.initializer
+    yield from _graph_tensors(model.graph, initializers=False)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    if initializers:
+        yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
@@ -123,7 +129,7 @@ def _plain_relative(location: str, where: str) -> Path:
 
 def check_location(base: Path, tensor: onnx.TensorProto) -> ExternalRef:
     """Validate one tensor's external reference without reading the data file."""
-    where = f"tensor {tensor.name!r}: external data"
+    where = f"tensor {tensor.name[:200]!r}: external data"
     entries = _entries(tensor, where)
     location = entries.get("location", "")
     rel = _plain_relative(location, where)
@@ -144,6 +150,8 @@ def check_location(base: Path, tensor: onnx.TensorProto) -> ExternalRef:
     if info.st_nlink > 1:
         raise InputError(f"{where}: file {location!r} has {info.st_nlink} hard links")
     offset = _integer(entries, "offset", where) or 0
+    if any(d < 0 for d in tensor.dims):
+        raise InputError(f"{where}: negative dimension in {list(tensor.dims)}")
     expected = payload_bytes(tensor)
     if expected is None:
         name = onnx.TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in \

@@ -96,16 +96,17 @@ def load_model(source: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.Model
     return model
 
 
-def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+def check_model(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True) -> None:
     """`onnx.checker.check_model`, run by path on a weight-free copy of the model.
 
     Checking a proto in memory serialises it (a full copy of the weights) and fails above 2 GB;
     the copy written here has its payloads replaced by references to an empty data file.
-    Raises what the checker raises.
+    Raises what the checker raises; `payloads=False` skips checking raw_data sizes (for models
+    whose tensors were all read from a checked input or built by onnxprune).
     """
     from onnxprune.streaming import check_by_path
 
-    check_by_path(model, full_check)
+    check_by_path(model, full_check, payloads)
 
 
 def opset_version(model: onnx.ModelProto) -> int:

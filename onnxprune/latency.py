@@ -124,9 +124,9 @@ class LatencyTable:
         if data.get("version") != TABLE_VERSION:
             raise InputError(f"latency table version {data.get('version')} is not supported")
         try:
-            layers = [LayerLatency(l["node"], l["op"], float(l["full_ms"]),
-                                   {axis: AxisCurve(c["group"], [int(n) for n in c["counts"]], [float(m) for m in c["ms"]])
-                                    for axis, c in l["curves"].items()}) for l in data["layers"]]
+            layers = [LayerLatency(entry["node"], entry["op"], float(entry["full_ms"]),
+                                   {axis: _curve(c) for axis, c in entry["curves"].items()})
+                      for entry in data["layers"]]
             return cls(str(data["provider"]), int(data["threads"]), str(data["ort_version"]), str(data["machine"]),
                        float(data["model_ms"]), layers, int(data.get("runs", 20)), str(data.get("clock", "")))
         except (KeyError, TypeError, ValueError):
@@ -139,6 +139,10 @@ class LatencyTable:
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read latency table ({exc})") from None
         return cls.from_json(data)
+
+
+def _curve(data: dict) -> AxisCurve:
+    return AxisCurve(str(data["group"]), [int(n) for n in data["counts"]], [float(m) for m in data["ms"]])
 
 
 # --- measuring ---------------------------------------------------------------------------------

@@ -99,8 +99,7 @@ def _concrete_shapes(skeleton: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[
     probe = onnx.ModelProto()
     probe.CopyFrom(skeleton)
     del probe.graph.value_info[:]
-    if not _pin_inputs(probe, sizes):
-        return None
+    _pin_inputs(probe, sizes)  # a static model still has data-dependent dims (torch's chunk)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; symbolic shapes remain

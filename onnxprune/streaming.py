@@ -247,13 +247,15 @@ def _externalise(tensor: onnx.TensorProto, data: BinaryIO, data_name: str) -> on
     return ref
 
 
-def check_by_path(model: onnx.ModelProto, full_check: bool = False) -> None:
+def check_by_path(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True) -> None:
     """Run `onnx.checker.check_model` on a weight-free copy written to a temporary directory.
 
     Large payloads become references to an empty data file, so the check costs no weight memory
-    and works above the 2 GB protobuf limit; it raises what the checker raises.
+    and works above the 2 GB protobuf limit; it raises what the checker raises. `payloads=False`
+    skips the raw_data size check (it reads every payload) for tensors built by onnxprune itself.
     """
-    _check_payload_sizes(model)
+    if payloads:
+        _check_payload_sizes(model)
     with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as tmp:
         directory = Path(tmp)
         (directory / "weights.stub").touch()

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.external_data import all_tensors, payload_bytes
 
 
 def check_source_file(path: Path) -> None:
@@ -41,11 +42,38 @@ def check_loaded(model: onnx.ModelProto, label: str) -> None:
     if model.graph.sparse_initializer:
         name = model.graph.sparse_initializer[0].values.name
         raise InputError(f"{label}: sparse initializer {name!r} is not supported (store it dense)")
-    from onnxprune.external_data import all_tensors
-
-    for tensor in all_tensors(model):
+    _check_text(model, label)
+    for tensor in model.graph.initializer:  # raw payloads here are sized by the checker (streaming)
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+            _check_payload(tensor, label)
+    for tensor in all_tensors(model, initializers=False):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             _check_payload(tensor, label)
+
+
+def _check_text(message, label: str) -> None:
+    """Every string field must be valid UTF-8: protobuf hands invalid ones over as bytes, which
+    break the IR round trip far from the cause. Tensors are read field by field (never their
+    payload, which would be copied)."""
+    if isinstance(message, onnx.TensorProto):
+        texts = [message.name, message.doc_string] + [t for e in message.external_data for t in (e.key, e.value)]
+        for text in texts:
+            _utf8(text, "tensor name or external data entry", label)
+        return
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING:
+            for text in values:
+                _utf8(text, f"{type(message).__name__}.{field.name}", label)
+        elif field.type == field.TYPE_MESSAGE:
+            for sub in values:
+                _check_text(sub, label)
+
+
+def _utf8(text, what: str, label: str) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"{label}: {what} {bytes(text)[:40]!r} is not valid UTF-8")
 
 
 _TYPED_FIELDS = {
@@ -59,8 +87,6 @@ _TYPED_FIELDS = {
 def _check_payload(tensor: onnx.TensorProto, label: str) -> None:
     """A payload must hold exactly the elements its dims and type declare: slicing a short one
     would read past its end, and the checker's weight-free copy cannot see payloads."""
-    from onnxprune.external_data import payload_bytes
-
     where = f"{label}: tensor {tensor.name!r}"
     if any(d < 0 for d in tensor.dims):
         raise InputError(f"{where} has a negative dimension {list(tensor.dims)}")
@@ -123,8 +149,6 @@ def _weight_free(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> None:
 def check_no_external_refs(model: onnx.ModelProto, label: str = "model") -> None:
     """A ModelProto given in memory has no directory to check its external references against:
     reading them would resolve paths against the working directory, unchecked."""
-    from onnxprune.external_data import all_tensors
-
     for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise InputError(f"{label}: tensor {tensor.name!r} refers to external data; pass the model's file "

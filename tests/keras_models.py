@@ -109,15 +109,16 @@ def zero_channels(model: keras.Model, per_layer: int = 2, seed: int = 0) -> int:
 
     Eligible: a Conv2D / DepthwiseConv2D / SeparableConv2D / Dense (not the last layer) whose output
     reaches only weight layers through BN, activations, pooling, Dropout, Flatten or Concatenate,
-    so each zeroed channel is provably constant. A layer followed by BatchNormalization gets that
+    so each zeroed channel is provably constant; not a depthwise conv that follows another weight
+    layer (its channels are that layer's). A layer followed by BatchNormalization gets that
     BN's gamma and beta zeroed (and its moving mean; with no gamma, the layer's own weights too),
     otherwise its own kernel slice and bias.
     """
     rng = np.random.default_rng(seed)
     zeroed = 0
     for layer in model.layers[:-1]:
-        if not isinstance(layer, _WEIGHTED) or not _feeds_weights_only(layer):
-            continue
+        if not isinstance(layer, _WEIGHTED) or not _feeds_weights_only(layer) or _channel_owner(layer) is not layer:
+            continue  # a depthwise conv's channels are its input's: removable only with them
         width = int(layer.compute_output_shape(layer.input.shape)[-1])
         channels = rng.choice(width, size=min(per_layer, width - 1), replace=False)
         consumers = [n.operation for n in layer._outbound_nodes]
@@ -128,6 +129,18 @@ def zero_channels(model: keras.Model, per_layer: int = 2, seed: int = 0) -> int:
             _zero_own(layer, channels)
         zeroed += len(channels)
     return zeroed
+
+
+def _channel_owner(layer):
+    """The layer whose output channels `layer`'s are: a depthwise conv (multiplier 1) keeps the
+    channels of the weight layer before it, across BN, activations and padding."""
+    if not isinstance(layer, layers.DepthwiseConv2D) or layer.depth_multiplier != 1:
+        return layer
+    producer = layer.input._keras_history.operation
+    while isinstance(producer, (layers.BatchNormalization, layers.Activation, layers.ReLU, layers.ZeroPadding2D,
+                                layers.Dropout)):
+        producer = producer.input._keras_history.operation
+    return _channel_owner(producer) if isinstance(producer, _WEIGHTED) else layer
 
 
 def _zero_bn(bn, channels: np.ndarray) -> bool:

@@ -7,6 +7,8 @@ removal equals: a head only reaches the output through its rows of Wo.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -189,3 +191,14 @@ def test_prune_hidden_shrinks_the_residual_stream():
     assert all(list(inits[n.input[1]].dims) == [HIDDEN // 2] for n in norms)
     x = np.random.default_rng(0).standard_normal((2, S, 8)).astype(np.float32)
     assert session(result.model).run(None, {"x": x})[0].shape == (2, S, 3)
+
+
+def test_cli_forwards_head_ratio_and_prune_hidden(tmp_path):
+    from onnxprune.cli import main
+
+    source, out, plan = tmp_path / "block.onnx", tmp_path / "out.onnx", tmp_path / "plan.json"
+    onnx.save(transformer_block(), source)
+    assert main(["prune", str(source), "-o", str(out), "--ratio", "0", "--head-ratio", "0.5",
+                 "--prune-hidden", "--save-plan", str(plan)]) == 0
+    removed = {g["size"]: len(g["remove"]) for g in json.loads(plan.read_text())["groups"]}
+    assert removed == {HEADS: HEADS // 2, HIDDEN: 0}

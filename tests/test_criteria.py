@@ -64,10 +64,10 @@ def test_wanda_and_fpgm_equal_numpy(model, feeds):
 
 
 def session_value(model, name, feeds):
-    from onnxprune.passes.stats import _exposed
+    from onnxprune.passes.stats import expose_outputs
     from onnxprune.verify import session
 
-    return session(_exposed(model, [name])).run([name], feeds)[0].astype(np.float64)
+    return session(expose_outputs(model, [name])).run([name], feeds)[0].astype(np.float64)
 
 
 def test_data_criteria_without_data_are_a_clear_error(model):

@@ -50,7 +50,9 @@ def test_every_file_form_yields_the_same_samples_in_bounded_batches(tmp_path, ar
 def test_python_forms_dict_iterable_and_calibration_reader(arrays):
     chunks = [{"x": arrays[:5]}, {"x": arrays[5:]}]
 
-    class Reader:  # onnxruntime.quantization.CalibrationDataReader's protocol
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
         def __init__(self):
             self.items = iter(chunks)
 

@@ -62,6 +62,9 @@ def test_random_graph_lossless_keeps_outputs(recipe, seed):
 # A grown Gemm weight: refused by the input's full check instead of failing the output check.
 @example(recipe=_recipe(["grouped", "grouped"], "flatten_gemm", batch="N", seed=53436), kind="wrong_weight_shape",
          seed=3)
+# A corrupted byte inside a node name (invalid UTF-8) crashed the export (UnicodeDecodeError).
+@example(recipe=_recipe(["se", "conv", "split", "se", "extra_output", "split"], "gap_gemm", width=6, spatial="HW",
+                        batch=2, seed=2206), kind="corrupt_bytes", seed=38222)
 def test_damaged_model_is_pruned_or_refused(recipe, kind, seed):
     damaged = mutate(build_graph(recipe), kind, seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -402,3 +402,28 @@ def test_encoder_state_initialises_decoder():
     result = prune_half(model)
     assert [a.i for n in result.model.graph.node if n.op_type == "GRU" for a in n.attribute
             if a.name == "hidden_size"] == [H - H // 2] * 2
+
+
+def test_fold_constants_never_stores_a_large_weight_twice():
+    """Slices of one large weight that only layout ops read fold (the original goes away); a
+    Transpose of a large weight a MatMul also reads stays, else the weight would be stored twice."""
+    b = GraphBuilder(seed=10)
+    x = b.input([2, 300])
+    shared, reordered = b.weight([300, 300]), b.weight([600, 300])
+    halves = [b.op("Slice", [reordered, b.const(np.array([lo], np.int64)), b.const(np.array([lo + 300], np.int64)),
+                             b.const(np.array([0], np.int64))]) for lo in (300, 0)]
+    swapped = b.op("Transpose", [b.op("Concat", halves, axis=0)], perm=[1, 0])
+    tied = b.op("MatMul", [x, b.op("Transpose", [shared], perm=[1, 0])])
+    b.op("Add", [b.op("MatMul", [x, shared]), tied])
+    b.nodes[-1].output[0] = "y"
+    b.op("MatMul", [x, swapped])
+    b.nodes[-1].output[0] = "z"
+    b.output("y", shape=[2, 300])
+    b.output("z", shape=[2, 600])
+    model = b.model()
+    graph = fold_constants(to_graph(model), 17).graph
+    assert sorted(n.op for n in graph.nodes) == ["Add", "MatMul", "MatMul", "MatMul", "Transpose"]
+    feeds = random_inputs(model, 0)
+    folded = from_graph(graph, ModelMeta.of(model))
+    for a, b in zip(session(folded).run(None, feeds), session(model).run(None, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # same values; MatMul's summation order may differ

@@ -51,7 +51,7 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def conv_relu_conv(b: GraphBuilder, middle: str = "Relu", shape=(1, 3, 8, 8), **middle_attrs) -> onnx.ModelProto:
+def conv_relu_conv(b: GraphBuilder, middle: str = "Relu", shape=(1, 3, 8, 8), **middle_attrs) -> GraphBuilder:
     x = b.input(list(shape))
     h = b.op(middle, [b.conv(x, shape[1], 8)], **middle_attrs)
     y = b.conv(h, 8, 4)
@@ -132,11 +132,21 @@ def test_invalid_graph_is_refused(make, needle, tmp_path, capsys):
     assert str(path) in assert_refused(["analyze", path], needle, capsys, tmp_path)
 
 
+def test_name_that_is_not_utf8_is_refused(tmp_path, capsys):
+    model = small_cnn()
+    name = model.graph.node[2].name.encode()  # e.g. b"Relu12"
+    data = model.SerializeToString()
+    assert data.count(name) == 1
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(name, name[:3] + b"\x91" + name[4:]))
+    assert_refused(["prune", path, "-o", tmp_path / "o.onnx"], "is not valid UTF-8", capsys, tmp_path)
+
+
 def test_payload_shorter_than_its_dims_is_refused(tmp_path, capsys):
     model = small_cnn()
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:40]
     path = save(model, tmp_path / "short.onnx")
-    assert_refused(["prune", path, "-o", tmp_path / "o.onnx"], "holds 40 bytes", capsys, tmp_path)
+    assert_refused(["prune", path, "-o", tmp_path / "o.onnx"], "(40 bytes)", capsys, tmp_path)
 
 
 # --- external data ------------------------------------------------------------------------------
@@ -263,6 +273,14 @@ def _ext_directory(tmp, path):
     return "not a regular file"
 
 
+def _ext_negative_dims(tmp, path):
+    model = onnx.load(path, load_external_data=False)
+    tensor = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL][0]
+    tensor.dims[0] = -tensor.dims[0]
+    path.write_bytes(model.SerializeToString())
+    return "negative dimension"
+
+
 def _ext_unknown_key(tmp, path):
     _edit_external(path, "location_override", "/etc/passwd")
     return "unknown key"
@@ -270,7 +288,8 @@ def _ext_unknown_key(tmp, path):
 
 EXTERNAL_CASES = [_ext_missing, _ext_dotdot, _ext_dotdot_inner, _ext_absolute, _ext_symlink, _ext_symlinked_dir,
                   _ext_hardlink, _ext_offset_beyond, _ext_length_beyond, _ext_length_mismatch,
-                  _ext_offset_not_integer, _ext_negative_offset, _ext_nul, _ext_directory, _ext_unknown_key]
+                  _ext_offset_not_integer, _ext_negative_offset, _ext_nul, _ext_directory, _ext_negative_dims,
+                  _ext_unknown_key]
 
 
 @pytest.mark.parametrize("mutate", EXTERNAL_CASES, ids=lambda f: f.__name__[5:])
@@ -707,6 +726,13 @@ def test_output_equal_to_input_is_refused(how, tmp_path, capsys):
     assert_refused(["prune", path, "-o", out], "overwrite the input", capsys, tmp_path)
 
 
+@pytest.mark.parametrize("flag", ["--report", "--save-plan"])
+def test_side_output_equal_to_input_is_refused(flag, tmp_path, capsys):
+    path = save(small_cnn(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    assert_refused(["prune", path, "-o", out, flag, path], "would overwrite the input", capsys, tmp_path, out)
+
+
 def test_output_directory_missing_is_refused(tmp_path, capsys):
     path = save(small_cnn(), tmp_path / "m.onnx")
     out = tmp_path / "missing" / "o.onnx"
@@ -833,3 +859,19 @@ def test_model_without_any_channel_is_copied_unchanged(tmp_path, capsys):
     code, _, err = run(["prune", path, "-o", tmp_path / "o.onnx"], capsys)
     assert code == 0, err
     assert onnx.load(tmp_path / "o.onnx").graph.node[0].op_type == "Relu"
+
+
+def test_short_payload_inside_a_subgraph_is_refused(tmp_path, capsys):
+    """A Constant in an If branch whose typed payload is shorter than its dims."""
+    short = helper.make_tensor("tc", TensorProto.FLOAT, [64], [1.0] * 64)
+    del short.float_data[32:]
+    then = helper.make_graph([helper.make_node("Constant", [], ["t"], value=short)], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [64])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(
+        np.zeros(64, np.float32), "ec"))], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [64])])
+    b = GraphBuilder()
+    b.nodes.append(helper.make_node("If", [b.input([], "cond", TensorProto.BOOL)], ["y"], name="branch",
+                                    then_branch=then, else_branch=other))
+    b.output("y", shape=[64])
+    path = save(b.model(check=False), tmp_path / "m.onnx")
+    assert_refused(["analyze", path], "holds 32 values in float_data, its dims need 64", capsys, tmp_path)

@@ -9,7 +9,7 @@ from calib_models import conv_chain
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 from onnxprune.importance import score_groups
-from onnxprune.passes.stats import RowSource, Statistics, _exposed, collect, conv_patches
+from onnxprune.passes.stats import RowSource, Statistics, collect, conv_patches, expose_outputs
 from onnxprune.verify import session
 
 
@@ -31,7 +31,7 @@ def test_activation_and_apoz_scores_equal_numpy_on_the_same_tensors(model, image
     analysis = onnxprune.analyze(model)
     stats = collect(model, analysis, {"x": images}, quiet=True)
     name = _relu_output(model)
-    act = session(_exposed(model, [name])).run([name], {"x": images})[0].astype(np.float64)
+    act = session(expose_outputs(model, [name])).run([name], {"x": images})[0].astype(np.float64)
     per_channel = np.moveaxis(act, 1, 0).reshape(8, -1)
     s = stats.slots[(name, 1)]
     np.testing.assert_allclose(s.mean_abs, np.abs(per_channel).mean(1), rtol=1e-9)
@@ -50,7 +50,7 @@ def test_gram_equals_numpy_of_the_input_patches(model, images):
     stats = collect(model, analysis, {"x": images}, quiet=True)
     consumer = [n for n in model.graph.node if n.op_type == "Conv"][-1]
     name = consumer.input[0]
-    act = session(_exposed(model, [name])).run([name], {"x": images})[0].astype(np.float64)
+    act = session(expose_outputs(model, [name])).run([name], {"x": images})[0].astype(np.float64)
     # patches by explicit loops: 3x3, no padding, stride 1 on 6x6 -> 4x4 positions
     rows = np.array([act[n, :, i:i + 3, j:j + 3].ravel() for n in range(len(act)) for i in range(4) for j in range(4)])
     rows = np.hstack([rows, np.ones((len(rows), 1))])

@@ -19,6 +19,25 @@ def _padded(v: NodeView) -> bool:
     return any(p != 0 for p in v.attr("pads", [])) or auto_pad not in ("NOTSET", "VALID")
 
 
+def _tap_coverage(v: NodeView, kernel: tuple) -> np.ndarray:
+    """Per kernel tap, the fraction of output positions where it reads inside the (unpadded) input;
+    all ones without padding or when the spatial size is unknown."""
+    spatial = (v.shape(v.inputs[0]) or ())[2:]
+    nd = len(kernel)
+    auto_pad = v.attr("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if not _padded(v) or auto_pad != "NOTSET" or len(spatial) != nd or not all(isinstance(d, int) for d in spatial):
+        return np.ones(kernel)
+    pads, strides = list(v.attr("pads", [0] * 2 * nd)), list(v.attr("strides", [1] * nd))
+    dilations = list(v.attr("dilations", [1] * nd))
+    coverage = np.ones(())
+    for i, (size, k) in enumerate(zip(spatial, kernel)):
+        out = (size + pads[i] + pads[i + nd] - (k - 1) * dilations[i] - 1) // strides[i] + 1
+        index = np.arange(out)[:, None] * strides[i] - pads[i] + np.arange(k)[None] * dilations[i]
+        coverage = np.multiply.outer(coverage, ((index >= 0) & (index < size)).mean(0) if out > 0 else np.ones(k))
+    return coverage
+
+
 class _ConvLike(OpRule):
     """Shared machinery; subclasses say which weight axis holds outputs and which inputs."""
 
@@ -132,11 +151,15 @@ class Conv(_ConvLike):
         return not _padded(v) or bool(np.all(values == 0))
 
     def compensate(self, v: NodeView, slot: Slot, removed: np.ndarray, vals: np.ndarray, edit) -> None:
-        """bias[o] += sum over kernel of W[o, c] * value[c] for each removed input channel c."""
+        """bias[o] += sum over kernel of W[o, c] * value[c] for each removed input channel c.
+
+        With zero padding, each kernel tap counts by the fraction of output positions where it reads
+        inside the input: the bias then matches the removed contribution averaged over positions.
+        """
         w = v.const(v.inputs[1]).astype(np.float64)
         g, cin, cout, a, b = self._dims(v)
         delta = np.zeros(cout)
-        spatial = w.reshape(cout, a, -1).sum(axis=2)
+        spatial = (w.reshape(cout, a, -1) * _tap_coverage(v, w.shape[2:]).reshape(1, 1, -1)).sum(axis=2)
         for c, val in zip(removed, vals):
             grp, r = divmod(int(c), a)
             delta[grp * b:(grp + 1) * b] += spatial[grp * b:(grp + 1) * b, r] * val

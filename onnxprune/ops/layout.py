@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
 from onnxprune.ops.shape_values import Dim, Known, dim_readers, shape_value
 
@@ -300,7 +301,7 @@ class Slice(OpRule):
     def ties(self, v: NodeView, slot: Slot):
         params = _slice_params(v)
         if params is None:
-            return Freeze("Slice parameters are computed at run time")
+            return chunk_ties(v, slot)
         starts, ends, axes, steps = params
         x, y = v.inputs[0], v.outputs[0]
         if slot[0] not in (x, y):
@@ -319,6 +320,8 @@ class Slice(OpRule):
         return [Tie((x, axis), (y, axis), idx + start, idx)]
 
     def update(self, v: NodeView, edit) -> None:
+        if _slice_params(v) is None:
+            return  # run-time bounds of an equal chunk follow the pruned channel count (chunks.py)
         starts, ends, axes, steps = _slice_params(v)
         x, y = v.inputs[0], v.outputs[0]
         new_starts, new_ends, changed = list(starts), list(ends), False
@@ -439,6 +442,8 @@ class Shape(OpRule):
         if readers is None:
             return Freeze("shape of a channel tensor feeds a computation onnxprune cannot follow")
         readers = [r for r in readers if not _flattens_keeping_last_axis(r, v.node.inputs[0], slot[1], v.opset)]
+        if readers and only_chunk_bounds(v.node, v.tensors, v.opset):
+            readers = []  # torch's chunk: the bounds follow the channel count (see ops/chunks.py)
         if readers:
             return Freeze(f"channel count is read at run time by {readers[0].op} '{readers[0].name}'")
         return []

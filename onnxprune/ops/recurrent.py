@@ -215,8 +215,10 @@ class _Recurrent(OpRule):
 
     def _candidate_zero_at_zero(self, v: NodeView, d: int) -> bool:
         """The activations a dead unit's state passes through must map 0 to 0 in every direction."""
+        per_dir = len(DEFAULT_ACTIVATIONS[v.op])
         names = [_text(a) for a in v.attr("activations", [])] or DEFAULT_ACTIVATIONS[v.op] * d
-        per_dir = len(names) // d
+        if len(names) != per_dir * d:
+            return False  # a malformed list: prove nothing
         used = {"LSTM": (1, 2), "GRU": (1,), "RNN": (0,)}[v.op]
         return all(names[k * per_dir + u] in ZERO_AT_ZERO for k in range(d) for u in used)
 

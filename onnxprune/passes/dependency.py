@@ -62,7 +62,8 @@ class Analysis:
     frozen_slots: dict[Slot, list[str]]
 
     def view(self, node: gs.Node) -> NodeView:
-        return NodeView(node, self.graph.tensors(), self.opset)
+        # Rules read only the node's own tensors; graph.tensors() would walk the whole graph per call.
+        return NodeView(node, {t.name: t for t in (*node.inputs, *node.outputs)}, self.opset)
 
     @property
     def prunable(self) -> list[ChannelGroup]:

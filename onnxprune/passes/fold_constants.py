@@ -29,6 +29,9 @@ LAYOUT_OPS = {"Gather", "Slice", "Concat", "Reshape", "Transpose", "Squeeze", "U
 GROWING_OPS = {"Expand", "ConstantOfShape"}
 INTEGER_OPS = {"Add", "Sub", "Mul", "Div", "Mod"}
 MAX_GROWN_ELEMENTS = 1 << 20
+MAX_SHARED_ELEMENTS = 1 << 16
+"""A constant that stays in the model (another op reads it) is folded only up to this size, so no
+large weight is stored twice."""
 
 
 @dataclass
@@ -68,6 +71,8 @@ def _evaluate(node: gs.Node, opset: int) -> list[np.ndarray] | None:
         return None
     if not all(isinstance(t, gs.Constant) for t in inputs):
         return None
+    if any(_numel(t) > MAX_SHARED_ELEMENTS and _read_elsewhere(t) for t in inputs):
+        return None  # folding would store a second copy of a large weight (tied embeddings)
     try:
         arrays = [np.asarray(t.values) for t in inputs]
     except ValueError:  # a damaged initializer: left for the checks that report it
@@ -81,6 +86,18 @@ def _evaluate(node: gs.Node, opset: int) -> list[np.ndarray] | None:
     elif node.op not in LAYOUT_OPS:
         return None
     return _run_single(node, opset)
+
+
+def _read_elsewhere(const: gs.Constant) -> bool:
+    """Whether a node that will not be folded also reads the constant (so it stays in the model).
+    Gate blocks sliced out of one weight by several Slices fold; a weight also used by a MatMul
+    does not."""
+    return any(node.op not in LAYOUT_OPS | GROWING_OPS | INTEGER_OPS
+               or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name) for node in const.outputs)
+
+
+def _numel(const: gs.Constant) -> int:
+    return int(np.prod(const.shape, dtype=np.int64)) if const.shape is not None else 0
 
 
 def _grown_size(node: gs.Node, arrays: list[np.ndarray]) -> int:

@@ -271,7 +271,7 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
     from onnxprune.data import batch_size_for, iter_batches, model_inputs
     from onnxprune.ir import opset_version
     from onnxprune.ops import NodeView
-    from onnxprune.passes.stats import _exposed
+    from onnxprune.passes.stats import expose_outputs
     from onnxprune.progress import progress
     from onnxprune.verify import session
 
@@ -285,7 +285,7 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
         pruned.ir_version = original.ir_version
         del pruned.opset_import[:]
         pruned.opset_import.extend(original.opset_import)
-        run_p, run_o = session(_exposed(pruned, [x])), session(_exposed(original, [x]))
+        run_p, run_o = session(expose_outputs(pruned, [x])), session(expose_outputs(original, [x]))
         src = RowSource.of(NodeView(node, graph.tensors(), opset))
         own, cross, count = None, None, 0.0
         for batch in iter_batches(data, names, batch_size_for(original)):

@@ -1,7 +1,7 @@
 """Statistics pass: run the model on calibration data and keep only additive aggregates.
 
-A temporary copy of the model exposes every channel-carrying activation of the prunable groups as
-an extra output; ONNX Runtime runs it batch by batch and, per element of each slot (one channel, or
+A temporary copy of the model exposes the prunable groups' activations where weight layers read
+them as extra outputs; ONNX Runtime runs it batch by batch and, per element of each slot (one channel, or
 one feature of a flattened channel), sums a, |a|, a² and zeros. For every weight layer that consumes
 a prunable group (Conv, Gemm, MatMul) it also sums the Gram matrix XᵀX of its input rows, augmented
 with a constant 1 (Conv: input patches at a fixed, data-independent grid of positions), which is all
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxprune.data import DataSource, batch_size_for, count_samples, iter_batches, model_inputs
 from onnxprune.errors import InputError
@@ -30,6 +31,8 @@ from onnxprune.progress import progress
 STATS_FORMAT = "onnxprune-stats-1"
 MAX_GRAM_DIM = 4096
 """Consumers whose input rows are wider than this get no Gram (memory is quadratic in the width)."""
+STATS_BATCH = 16
+"""Rows per run when the batch axis is free: every exposed activation of a batch is alive at once."""
 MAX_POSITIONS = 64
 """Conv patches sampled per image: a fixed grid, so shards and single runs see the same positions."""
 
@@ -171,11 +174,18 @@ def merge_files(paths: list["str | os.PathLike[str]"]) -> Statistics:
 # --- collection -------------------------------------------------------------------------------
 
 def stat_slots(analysis: Analysis) -> list[Slot]:
-    """Run-time channel slots of the prunable groups (weights are read directly instead)."""
+    """Run-time channel slots of the prunable groups where weight layers read them (what criteria and
+    recovery use); all of a group's activations only when no weight layer reads it. Fewer exposed
+    tensors keep the per-batch memory of the statistics run close to inference."""
     io = {t.name for t in analysis.graph.inputs}
     tensors = analysis.graph.tensors()
-    slots = {m.slot for g in analysis.prunable for m in g.members if m.role == "activation"}
-    return sorted(s for s in slots if s[0] not in io and s[0] in tensors and not hasattr(tensors[s[0]], "values"))
+    read = set(contraction_slots(analysis))
+    slots: set[Slot] = set()
+    for group in analysis.prunable:
+        runtime = [m.slot for m in group.members if m.role == "activation" and m.slot[0] not in io
+                   and m.slot[0] in tensors and not isinstance(tensors[m.slot[0]], gs.Constant)]
+        slots.update([s for s in runtime if s in read] or runtime)
+    return sorted(slots)
 
 
 def consumers(analysis: Analysis) -> dict[str, "RowSource"]:
@@ -264,7 +274,7 @@ def conv_patches(x: np.ndarray, src: RowSource) -> np.ndarray:
     return np.ascontiguousarray(rows.transpose(1, 0, 2))
 
 
-def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of the model whose graph outputs also include `names`."""
     from onnxprune.ir import infer_shapes
 
@@ -288,13 +298,12 @@ def collect(model: onnx.ModelProto, analysis: Analysis, data: DataSource, *, gra
     slots = stat_slots(analysis)
     sources = consumers(analysis) if grams else {}
     names = sorted({s[0] for s in slots} | {s.input for s in sources.values()})
-    sess = session(_exposed(model, names))
+    sess = session(expose_outputs(model, names))
     stats = Statistics(fingerprint(model))
     inputs = model_inputs(model)
-    total = count_samples(data, inputs)
-    batches = iter_batches(data, inputs, batch_size or batch_size_for(model), limit=limit)
-    for batch in progress(batches, "statistics", quiet, unit="batch",
-                          total=None if total is None else -(-total // (batch_size or batch_size_for(model)))):
+    total, size = count_samples(data, inputs), batch_size or batch_size_for(model, STATS_BATCH)
+    batches = iter_batches(data, inputs, size, limit=limit)
+    for batch in progress(batches, "statistics", quiet, unit="batch", total=None if total is None else -(-total // size)):
         try:
             values = dict(zip(names, sess.run(names, batch)))
         except Exception as exc:  # ORT raises its own types for wrong shapes or dtypes
