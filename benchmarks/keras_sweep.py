@@ -11,7 +11,7 @@ write all rows into docs/compatibility.md between `<!-- begin: keras -->` and `<
 from __future__ import annotations
 
 import argparse
-import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +30,12 @@ BEGIN, END = "<!-- begin: keras -->", "<!-- end: keras -->"
 HEADER = ("| model | export path | params before → after | MACs before → after | groups pruned / total "
           "| frozen (reasons) | lossless: zeroed → removed, max abs diff | verification |\n"
           "|---|---|---|---|---|---|---|---|")
+
+
+PREFACE = ("Random-init `keras.applications` models (10 classes, the smallest input each accepts) and two "
+           "hand-built CNNs, exported by Keras 3's `model.export` and by `tf2onnx.convert.from_function`; "
+           "pruned at ratio 0.5 (local, L1); lossless: channels zeroed in Keras before export, removed by "
+           "`--lossless` and verified in ORT. Regenerate with `python benchmarks/keras_sweep.py`.\n")
 
 
 def _short(n: int) -> str:
@@ -83,7 +89,7 @@ def write_rows(rows: dict[tuple[str, str], str]) -> None:
         if len(cells) > 3 and cells[1] in MODELS and cells[2] in PATH_KINDS:
             rows.setdefault((cells[1], cells[2]), line)
     order = sorted(rows, key=lambda k: (MODELS.index(k[0]), PATH_KINDS.index(k[1])))
-    body = "\n".join([HEADER] + [rows[k] for k in order])
+    body = "\n".join([PREFACE, HEADER] + [rows[k] for k in order])
     DOC.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
 
 
@@ -91,17 +97,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=MODELS, help=f"subset of {', '.join(MODELS)}")
     parser.add_argument("--paths", nargs="+", default=list(PATH_KINDS), choices=PATH_KINDS)
+    parser.add_argument("--row", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    rows: dict[tuple[str, str], str] = {}
+    if args.row:  # one row in this process (the parent runs each in a fresh one: TF keeps memory)
+        with tempfile.TemporaryDirectory() as tmp:
+            print(ROW_MARK + sweep_one(*args.row, Path(tmp)))
+        return 0
     print(HEADER)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            for path_kind in args.paths:
-                rows[(name, path_kind)] = sweep_one(name, path_kind, Path(tmp))
-                print(rows[(name, path_kind)], flush=True)
-    write_rows(rows)
+    for name in args.models:
+        for path_kind in args.paths:
+            row = _row_in_subprocess(name, path_kind)
+            print(row, flush=True)
+            write_rows({(name, path_kind): row})  # after each row, so a long sweep keeps its progress
     print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
+
+
+ROW_MARK = "ROW "
+
+
+def _row_in_subprocess(name: str, path_kind: str) -> str:
+    done = subprocess.run([sys.executable, __file__, "--row", name, path_kind], capture_output=True, text=True)
+    rows = [line[len(ROW_MARK):] for line in done.stdout.splitlines() if line.startswith(ROW_MARK)]
+    if rows:
+        return rows[-1]
+    why = f"exit code {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else "")
+    return f"| {name} | {path_kind} | | | | | | FAILED: sweep process ended with {why} |"
 
 
 if __name__ == "__main__":

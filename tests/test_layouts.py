@@ -82,22 +82,20 @@ def test_channel_last_constants_broadcast_by_rank():
 def test_nhwc_flatten_owns_a_comb_of_features():
     def middle(b, h):
         return dense(b, b.op("Flatten", [b.op("Transpose", [h], perm=NHWC)], axis=1), S * S * C, 5)
-    result = prune_and_check(build(middle, batch=1))
+    prune_and_check(build(middle, batch=1))
     analysis = onnxprune.analyze(build(middle, batch=1))
     flat = next(m for g in analysis.prunable for m in g.members if m.role == "weight" and m.slot[1] == 0
                 and len(m.elem) == S * S * C)
     assert np.array_equal(flat.unit[:2 * C], np.r_[np.arange(C), np.arange(C)])  # features c, C+c, ...
-    assert result.report.after.params < result.report.before.params
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_flatten_target_computed_at_run_time(dtype):
     model = build(lambda b, h: dense(b, runtime_flatten(b, b.op("Transpose", [h], perm=NHWC), S * S * C, dtype), S * S * C, 5))
     result = prune_and_check(model)
-    kept = result.report.after.params
-    constants = {init.name: onnx.numpy_helper.to_array(init) for init in result.model.graph.initializer}
-    features = [v for v in constants.values() if v.dtype == dtype and v.shape == (1,) and v[0] > 1]
-    assert [int(v[0]) for v in features] == [S * S * (C // 2)], kept
+    constants = [onnx.numpy_helper.to_array(init) for init in result.model.graph.initializer]
+    features = [v for v in constants if v.dtype == dtype and v.shape == (1,) and v[0] > 1]
+    assert [int(v[0]) for v in features] == [S * S * (C // 2)]  # the Concat's constant was rewritten
 
 
 def test_channel_count_reaching_a_reshape_freezes_with_a_reason():

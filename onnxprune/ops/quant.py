@@ -15,14 +15,15 @@ _REASON = "quantized op: scales, zero points and integer weights are not sliced 
 
 class _Quantized(OpRule):
     weight_input: int | None = None
+    """The constant integer weight whose rows define the layer's output channels (seeded)."""
+    conv_like = True
+    """Channels on axis 1 (convolutions) rather than on the last axis (matrix products)."""
 
     def seeds(self, v: NodeView) -> list[Slot]:
         out = v.out(0)
         if self.weight_input is None or not v.is_const(v.inp(self.weight_input)) or v.rank(out) is None:
             return []
         return [(out, 1 if self.conv_like else v.rank(out) - 1)]
-
-    conv_like = True
 
     def ties(self, v: NodeView, slot: Slot) -> Freeze:
         return Freeze(f"{v.op}: {_REASON}")
