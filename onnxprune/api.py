@@ -4,14 +4,16 @@ modifies its input."""
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
 import onnx
 
 from onnxprune.calibration import Calibration
+from onnxprune.data import is_one_shot, spool
 from onnxprune.errors import InputError, VerificationError
 from onnxprune.heads import freeze_hidden, with_head_ratio
 from onnxprune.importance import Criterion, score_groups
@@ -20,8 +22,9 @@ from onnxprune.metrics import ModelStats, count
 from onnxprune.passes.dead_channels import find_dead_channels
 from onnxprune.passes.dependency import Analysis, analyze_graph
 from onnxprune.passes.fold_constants import folded_graph
+from onnxprune.passes.recover import RecoverMethod
 from onnxprune.passes.rewrite import attach_inferred_shapes, rewrite
-from onnxprune.plan import Plan, global_plan, uniform_plan
+from onnxprune.plan import GroupPlan, Plan, global_plan, uniform_plan
 from onnxprune.validate import check_shapes_fit
 from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyReport, benchmark, compare,
                               random_inputs)
@@ -135,7 +138,7 @@ def prune(
     target_macs: float | None = None,
     target_params: float | None = None,
     max_ratio: float = 0.9,
-    recover: Literal["none", "bias", "lstsq", "lstsq-seq"] | None = None,
+    recover: RecoverMethod | None = None,
     quiet: bool = False,
     head_ratio: float | None = None,
     prune_hidden: bool = False,
@@ -156,7 +159,19 @@ def prune(
     compensates removed channels in the next layer's bias or re-fits it by least squares.
     `head_ratio` gives attention-head groups their own ratio; `prune_hidden` lets the hidden size
     of transformers (the residual stream) be pruned too, which is lossy (`onnxprune.heads`).
+    Options that the chosen mode would ignore (a ratio with a target, head_ratio with a target,
+    criterion options with a replayed plan, ...) are refused with `InputError`.
+
+    A `data` source that can be read only once (a generator, a `get_next()` reader) is copied once,
+    batch by batch, into a temporary .npz directory that every step re-reads.
     """
+    if data is not None and is_one_shot(data):
+        options = {k: v for k, v in locals().items() if k not in ("model", "data")}
+        with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
+            return prune(model, data=spool(data, tmp), **options)
+    _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
+                   target_macs=target_macs, target_params=target_params, target_latency=target_latency,
+                   max_ratio=max_ratio, head_ratio=head_ratio)
     if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
         raise InputError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
     if round_to == "auto" and (target_macs is not None or target_params is not None or plan == "auto"):
@@ -185,7 +200,7 @@ def prune(
                                                    target_params, max_ratio, round_to, data, labels, seed, quiet)
     else:
         units, values, chosen = _choose(analysis, ratio, criterion, scope, round_to, lossless, plan, seed, calib,
-                                        head_ratio)
+                                        head_ratio, max_ratio)
     values, fits = calib.recovery(analysis, units, values)
     result = rewrite(analysis, units, values)
     calib.apply(analysis.graph, original, fits)
@@ -210,19 +225,22 @@ def prune(
     report.notes.extend(latency_notes)
     if result.inexact_nodes:
         report.notes.append(f"bias compensation is approximate at {len(result.inexact_nodes)} padded consumers")
+    feeds: list[dict[str, np.ndarray]] | None = None
     if verify or bench:
         tol_a = atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL)
         tol_r = rtol if rtol is not None else (LOSSLESS_TOL if lossless else DEFAULT_RTOL)
-        feeds = load_feeds(data, original, seed)
-        if verify:
-            report.verify = compare(original, pruned, feeds, tol_a, tol_r)
+        if quantize is not None or eval_data is not None:  # the hand-off below reuses the batches
+            feeds = load_feeds(data, original, seed)
+        if verify:  # streamed unless already read: large data never sits in memory
+            report.verify = compare(original, pruned, feeds if feeds is not None else iter_feeds(data, original, seed),
+                                    tol_a, tol_r)
         if bench and quantize is None and eval_data is None:
-            report.latency = benchmark(original, pruned, feeds[0])
+            report.latency = benchmark(original, pruned, next(iter_feeds(data, original, seed)))
     quantized = None
     if quantize is not None or eval_data is not None:
         from onnxprune.quantize import hand_off
 
-        read = feeds if verify or bench else load_feeds(data, original, seed)  # read one-shot sources once
+        read = feeds if feeds is not None else load_feeds(data, original, seed)
         quantized, report.models, latency = hand_off(original, pruned, quantize, data, read, eval_data, labels, bench)
         report.quantize, report.latency = quantize, latency or report.latency
     result = PruneResult(pruned, chosen, report, quantized)
@@ -233,14 +251,46 @@ def prune(
     return result
 
 
+def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, round_to: "int | str", lossless: bool,
+                   plan: "Plan | str | os.PathLike[str] | None", target_macs: float | None,
+                   target_params: float | None, target_latency: float | None, max_ratio: float,
+                   head_ratio: float | None) -> None:
+    """Refuse option combinations where one option would be silently ignored: the user asked for
+    something the run would not do. Defaults count as "not given" (the CLI passes them all); ratio 0
+    agrees with lossless (nothing removed by criterion)."""
+    replay = plan is not None and not (isinstance(plan, str) and plan == "auto")
+    targets = [name for name, value in (("target_macs", target_macs), ("target_params", target_params),
+                                        ("target_latency", target_latency)) if value is not None]
+    if lossless:
+        given = [n for n, on in (("ratio", ratio not in (0.0, 0.5)), ("head_ratio", head_ratio is not None),
+                                 ("plan 'auto'", plan == "auto"), ("round_to 'auto'", round_to == "auto"),
+                                 *((t, True) for t in targets)) if on]
+        if given:
+            raise InputError(f"lossless removes only provably constant channels; it takes no {', '.join(given)}")
+    if replay:
+        given = [n for n, on in (("ratio", ratio != 0.5), ("criterion", criterion != "l1"),
+                                 ("scope", scope != "local"), ("round_to", round_to != 1),
+                                 ("max_ratio", max_ratio != 0.9), ("head_ratio", head_ratio is not None),
+                                 *((t, True) for t in targets)) if on]
+        if given:
+            raise InputError(f"a replayed plan fixes the removed channels; it takes no {', '.join(given)}")
+    if targets and ratio != 0.5:
+        raise InputError(f"ratio {ratio:g} and {targets[0]} both set how much to remove: give one of them")
+    if head_ratio is not None and (targets or plan == "auto" or round_to == "auto"):
+        what = targets[0] if targets else "plan 'auto'" if plan == "auto" else "round_to 'auto'"
+        raise InputError(f"head_ratio applies to ratio plans only, not with {what}")
+
+
 def _layers(analysis: Analysis, units: dict[int, np.ndarray]) -> list[dict]:
     """Per-group channels kept and removed, in analysis order: the report's per-layer view."""
     return [{"group": g.key, "producers": list(g.producers), "channels": g.size,
              "removed": int(len(units.get(g.id, ()))), "frozen": sorted(set(g.frozen))} for g in analysis.groups]
 
 
-def _choose_for_latency(original, analysis: Analysis, calib: Calibration, ratio, criterion, scope, seed, round_to,
-                        target_latency, latency_table, max_ratio, notes: list[str]):
+def _choose_for_latency(original: onnx.ModelProto, analysis: Analysis, calib: Calibration, ratio: float,
+                        criterion: "str | Criterion", scope: str, seed: int, round_to: "int | str",
+                        target_latency: float | None, latency_table: "str | os.PathLike[str] | None",
+                        max_ratio: float, notes: list[str]) -> "tuple[dict[int, np.ndarray], None, Plan]":
     """Removed units planned on measured latency: a latency target, or ratio plans whose counts
     are moved to the top of their latency step (`round_to='auto'`)."""
     from onnxprune.latency import latency_plan, round_plan, table_for
@@ -251,14 +301,17 @@ def _choose_for_latency(original, analysis: Analysis, calib: Calibration, ratio,
         chosen, estimated = latency_plan(analysis, scores, table, target_latency, max_ratio)
         notes.append(f"latency plan: estimated latency ratio {estimated:.3f} ({table.setting})")
     else:
-        make = uniform_plan if scope == "local" else global_plan
-        chosen = round_plan(analysis, scores, make(analysis, scores, ratio, 1), table)
+        planned = (uniform_plan(analysis, scores, ratio, 1) if scope == "local"
+                   else global_plan(analysis, scores, ratio, 1, max_ratio))
+        chosen = round_plan(analysis, scores, planned, table)
         notes.append(f"channel counts rounded to latency steps ({table.setting})")
     return chosen.resolve(analysis), None, chosen
 
 
-def _choose_for_target(original, analysis: Analysis, calib: Calibration, criterion, plan, target_macs, target_params,
-                       max_ratio, round_to, data, labels, seed, quiet):
+def _choose_for_target(original: onnx.ModelProto, analysis: Analysis, calib: Calibration, criterion: "str | Criterion",
+                       plan: "Plan | str | os.PathLike[str] | None", target_macs: float | None,
+                       target_params: float | None, max_ratio: float, round_to: int, data, labels: str, seed: int,
+                       quiet: bool) -> "tuple[dict[int, np.ndarray], None, Plan]":
     """Removed units meeting MACs/params targets: global ranking, or measured sensitivity (`auto`)."""
     from onnxprune.plan import target_plan
 
@@ -268,15 +321,17 @@ def _choose_for_target(original, analysis: Analysis, calib: Calibration, criteri
 
         chosen, _ = auto_plan(original, analysis, scores, calib, data, target_macs=target_macs,
                               target_params=target_params, max_ratio=max_ratio, criterion=criterion, labels=labels,
-                              seed=seed, quiet=quiet)
+                              seed=seed, quiet=quiet, round_to=round_to)
     else:
         chosen = target_plan(analysis, scores, target_macs=target_macs, target_params=target_params,
                              max_ratio=max_ratio, round_to=round_to)
     return chosen.resolve(analysis), None, chosen
 
 
-def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, plan, seed, calib=None,
-            head_ratio=None):
+def _choose(analysis: Analysis, ratio: float, criterion: "str | Criterion", scope: str, round_to: int, lossless: bool,
+            plan: "Plan | str | os.PathLike[str] | None", seed: int, calib: Calibration | None = None,
+            head_ratio: float | None = None, max_ratio: float = 0.9
+            ) -> "tuple[dict[int, np.ndarray], dict | None, Plan]":
     """Decide the removed units per group: from a plan, the dead channels, or a criterion."""
     values = None
     if plan is not None:
@@ -291,34 +346,41 @@ def _choose(analysis: Analysis, ratio, criterion, scope, round_to, lossless, pla
     else:
         scores = score_groups(analysis, criterion, seed, stats=calib and calib.stats,
                               gradients=calib and calib.gradients)
-        make = uniform_plan if scope == "local" else global_plan
-        planned = make(analysis, scores, ratio, round_to)
+        planned = (uniform_plan(analysis, scores, ratio, round_to) if scope == "local"
+                   else global_plan(analysis, scores, ratio, round_to, max_ratio))
         if head_ratio is not None:
             planned = with_head_ratio(planned, analysis, scores, head_ratio)
         units = planned.resolve(analysis)
-    by_id = {g.id: g for g in analysis.groups}
     chosen = Plan()
-    from onnxprune.plan import GroupPlan
-
     for group in analysis.prunable:
         chosen.groups.append(GroupPlan(group.key, group.size, [int(u) for u in units.get(group.id, [])]))
-    del by_id
     return units, values, chosen
 
 
-def load_feeds(data, model: onnx.ModelProto, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Inputs for verification: any data form `onnxprune.data` reads (in batches), a dict, or
-    seeded random data."""
+def load_feeds(data: object, model: onnx.ModelProto, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """All verification batches in a list, for callers that read them more than once (quantization
+    hand-off); `iter_feeds` streams them."""
+    return list(iter_feeds(data, model, seed))
+
+
+def iter_feeds(data: object, model: onnx.ModelProto, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Inputs for verification, batch by batch so memory does not grow with the data: any data form
+    `onnxprune.data` reads, a dict, or (None) two seeded random batches."""
     if data is None:
-        return [random_inputs(model, seed), random_inputs(model, seed + 1, batch=2)]
+        yield random_inputs(model, seed)
+        yield random_inputs(model, seed + 1, batch=2)
+        return
     if isinstance(data, dict):
-        return [data]
+        yield data
+        return
     from onnxprune.data import batch_size_for, iter_batches, model_inputs
 
-    feeds = list(iter_batches(data, model_inputs(model), batch_size_for(model)))
-    if not feeds:
+    empty = True
+    for batch in iter_batches(data, model_inputs(model), batch_size_for(model)):
+        empty = False
+        yield batch
+    if empty:
         raise InputError(f"{data}: no input data")
-    return feeds
 
 
 def verify(
@@ -336,7 +398,7 @@ def verify(
     |a-b| <= atol + rtol*|a|; a difference is reported, never raised.
     """
     a, b = load_model(original), load_model(pruned)
-    return compare(a, b, load_feeds(data, a, seed), atol, rtol)
+    return compare(a, b, iter_feeds(data, a, seed), atol, rtol)
 
 
 def _label(source) -> str:

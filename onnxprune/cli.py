@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,10 +15,14 @@ from onnxprune.errors import InputError, OnnxPruneError, VerificationError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise InputError(f"usage: {message} (see onnxprune {self.prog.split()[-1]} --help)")
+        sub = " ".join(self.prog.split()[1:])  # "onnxprune" at the root, "onnxprune prune" below it
+        raise InputError(f"usage: {message} (see onnxprune {sub + ' ' if sub else ''}--help)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from onnxprune.passes.recover import RECOVER_METHODS  # here, not at module level: keeps `import cli` light
+    from onnxprune.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
     p = _Parser(prog="onnxprune", description="Structured pruning of ONNX models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -25,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
     a.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="node names or globs to protect")
+    a.add_argument("--prune-hidden", dest="prune_hidden", action="store_true",
+                   help="also list the hidden size of transformers (residual stream) as prunable")
 
     r = sub.add_parser("prune", help="remove channels and write the smaller model")
     r.add_argument("model")
@@ -57,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of parameters to keep")
     r.add_argument("--max-ratio", dest="max_ratio", type=float, default=0.9,
                    help="at most this fraction of any group is removed with targets (default 0.9)")
-    r.add_argument("--recover", choices=["none", "bias", "lstsq", "lstsq-seq"],
+    r.add_argument("--recover", choices=RECOVER_METHODS,
                    help="compensate removed channels: bias, least-squares re-fit, or re-fit layer by layer "
                    "(default: bias when --data or --stats is given)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -69,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rtol", type=float)
     r.add_argument("--report", metavar="FILE.json", help="write the JSON report")
     r.add_argument("--save-external-data", nargs="?", const=True, default=False, metavar="NAME",
-                   help="store weights in a separate data file")
+                   help="store weights in a separate data file (the quantized model's too, as FILE.data)")
     r.add_argument("--quantize", choices=["dynamic", "static"],
                    help="then quantize with onnxruntime.quantization (static calibrates on --data)")
     r.add_argument("--quantized-output", metavar="FILE", help="where the quantized model goes "
@@ -85,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("original")
     v.add_argument("pruned")
     add_data_argument(v)
-    v.add_argument("--atol", type=float, default=1e-4)
-    v.add_argument("--rtol", type=float, default=1e-3)
+    v.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+    v.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--bench", action="store_true")
 
@@ -109,7 +116,7 @@ def _cmd_analyze(args) -> int:
     from onnxprune.ir import atomic_write_text
     from onnxprune.report import analysis_json, analysis_listing
 
-    analysis = analyze(args.model, exclude=args.exclude)
+    analysis = analyze(args.model, exclude=args.exclude, prune_hidden=args.prune_hidden)
     print(analysis_listing(analysis))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(analysis_json(analysis), indent=1))
@@ -157,7 +164,6 @@ def prune_kwargs(args: argparse.Namespace) -> dict:
 def _cmd_prune(args) -> int:
     from onnxprune.api import prune
     from onnxprune.html_report import load_sensitivity
-    from onnxprune.ir import save_model
     from onnxprune.report import table
 
     if _same_file(args.model, args.output):
@@ -166,6 +172,12 @@ def _cmd_prune(args) -> int:
     quantized_target = args.quantized_output or str(Path(args.output).with_suffix("")) + ".int8.onnx"
     if args.quantize and (_same_file(args.model, quantized_target) or _same_file(args.output, quantized_target)):
         raise InputError(f"{quantized_target}: the quantized model would overwrite the input or the pruned model")
+    if args.quantize and args.save_external_data:
+        quantized_data = quantized_target + ".data"
+        pruned_data = Path(args.output).parent / (args.save_external_data if isinstance(args.save_external_data, str)
+                                                  else Path(args.output).name + ".data")
+        if _same_file(quantized_data, str(pruned_data)) or _same_file(args.model, quantized_data):
+            raise InputError(f"{quantized_data}: the quantized model's data file would overwrite another file")
     sensitivity = load_sensitivity(args.sensitivity) if args.sensitivity else None
     try:
         result = prune(args.model, **prune_kwargs(args))
@@ -181,7 +193,9 @@ def _cmd_prune(args) -> int:
     print(table(result.report))
     print(f"wrote {args.output}")
     if result.quantized is not None:
-        save_model(result.quantized, quantized_target)
+        # External data when the pruned model has it, under the quantized file's own default name:
+        # a --save-external-data NAME is the pruned model's data file and must not be shared.
+        result.save_quantized(quantized_target, external_data=bool(args.save_external_data))
         print(f"wrote {quantized_target}")
     return 0
 
@@ -198,18 +212,17 @@ def _write_reports(args, result, sensitivity) -> None:
 
 
 def _cmd_verify(args) -> int:
-    from onnxprune.api import load_feeds, load_model
+    from onnxprune.api import iter_feeds, load_model
     from onnxprune.verify import benchmark, compare
 
     a, b = load_model(args.original), load_model(args.pruned)
-    feeds = load_feeds(args.data, a, args.seed)
-    report = compare(a, b, feeds, args.atol, args.rtol)
+    report = compare(a, b, iter_feeds(args.data, a, args.seed), args.atol, args.rtol)  # streamed: CLI data re-reads
     for o in report.outputs:
         top1 = f"  top1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
         print(f"{o.name}: max abs {o.max_abs_diff:.3g}  max rel {o.max_rel_diff:.3g}  cosine {o.cosine:.6f}"
               f"{top1}  {'PASSED' if o.passed else 'FAILED'} (would pass with atol >= {o.min_atol:.3g})")
     if args.bench:
-        lat = benchmark(a, b, feeds[0])
+        lat = benchmark(a, b, next(iter_feeds(args.data, a, args.seed)))
         print(f"latency median {lat.before_ms['median']:.3f} ms -> {lat.after_ms['median']:.3f} ms "
               f"(ratio {lat.ratio:.3f}, {lat.threads} thread(s), {lat.provider})")
     if not report.passed:
@@ -273,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `onnxprune ... | head`: the reader left; that is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError:
         print("onnxprune: error: out of memory", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ argument shared by every command that reads data."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from onnxprune.errors import InputError
 
@@ -23,6 +24,8 @@ def add_data_argument(parser: argparse.ArgumentParser, help_text: str = DATA_HEL
 
 
 def add_commands(sub) -> None:
+    from onnxprune.passes.recover import RECOVER_METHODS
+
     s = sub.add_parser("stats", help="calibration statistics (additive; 'stats merge' joins shards)")
     s.add_argument("inputs", nargs="+", metavar="MODEL | merge FILE...",
                    help="a model, or 'merge' followed by statistics files")
@@ -38,7 +41,7 @@ def add_commands(sub) -> None:
     t.add_argument("--labels", default="label", metavar="NAME", help="labels array in the data (top-1 accuracy)")
     t.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     t.add_argument("--criterion", default="l1")
-    t.add_argument("--recover", choices=["none", "bias", "lstsq", "lstsq-seq"], default="none")
+    t.add_argument("--recover", choices=RECOVER_METHODS, default="none")
     t.add_argument("--stats", metavar="FILE.npz", help="saved statistics (instead of computing them)")
     t.add_argument("--samples", type=int, default=512, help="evaluate on at most N samples (default 512)")
     t.add_argument("--exclude", nargs="+", default=[], metavar="NAME")
@@ -47,9 +50,29 @@ def add_commands(sub) -> None:
     t.add_argument("--quiet", action="store_true")
 
 
+def _input_files(args: argparse.Namespace) -> list[str]:
+    """Every file a data command reads: model(s), data (one path or name:file.npy pairs), statistics."""
+    data = args.data if isinstance(args.data, list) else [args.data] if args.data else []
+    files = [d.split(":", 1)[1] if ":" in d and not os.path.exists(d) else d for d in data]
+    for name in ("model", "stats"):
+        if isinstance(getattr(args, name, None), str):
+            files.append(getattr(args, name))
+    return files + [f for f in getattr(args, "inputs", []) if f != "merge"]
+
+
+def _refuse_overwriting_inputs(args: argparse.Namespace, outputs: dict[str, str | None]) -> None:
+    """Same rule as `prune`: no output (`{flag: path}`) may replace a file the command reads."""
+    from onnxprune.cli import _same_file
+
+    for flag, out in outputs.items():
+        if out and any(_same_file(src, out) for src in _input_files(args)):
+            raise InputError(f"{out}: {flag} would overwrite an input file")
+
+
 def cmd_stats(args) -> int:
     from onnxprune.passes.stats import merge_files
 
+    _refuse_overwriting_inputs(args, {"-o": args.output})
     if args.inputs[0] == "merge":
         if len(args.inputs) < 2:
             raise InputError("stats merge needs at least one statistics file")
@@ -76,6 +99,7 @@ def cmd_stats(args) -> int:
 def cmd_sensitivity(args) -> int:
     from onnxprune.sensitivity import save_json, sensitivity
 
+    _refuse_overwriting_inputs(args, {"--json": args.json, "--plot": args.plot})
     result = sensitivity(args.model, args.data, ratios=args.ratios, criterion=args.criterion, recover=args.recover,
                          stats=args.stats, labels=args.labels, samples=args.samples, exclude=args.exclude,
                          quiet=args.quiet)

@@ -131,6 +131,8 @@ def _scalar(value, action: argparse.Action, bad):
             value = action.type(value)
         except (TypeError, ValueError):
             raise bad(getattr(action.type, "__name__", "a valid value")) from None
+        except argparse.ArgumentTypeError:  # a custom type such as --round-to's: name the flag's metavar
+            raise bad(action.metavar or "a valid value") from None
     elif not isinstance(value, str):
         value = str(value)
     if action.choices is not None and value not in action.choices:

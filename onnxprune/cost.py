@@ -32,18 +32,19 @@ class CostModel:
 
     def __init__(self, analysis: Analysis) -> None:
         self.analysis = analysis
-        sizes = analysis.slot_sizes
-        self.mac_terms = [t for t in (self._node_term(n) for n in analysis.graph.nodes) if t is not None]
+        tensors = analysis.graph.tensors()  # once: a walk of the whole graph per node was quadratic
+        self.mac_terms = [t for t in (self._node_term(n, tensors) for n in analysis.graph.nodes) if t is not None]
+        slots_of: dict[str, list[Slot]] = {}
+        for slot in analysis.slot_sizes:
+            slots_of.setdefault(slot[0], []).append(slot)
         self.param_terms = []
-        for name, tensor in analysis.graph.tensors().items():
+        for name, tensor in tensors.items():
             if isinstance(tensor, gs.Constant):
-                slots = [s for s in sizes if s[0] == name]
-                self.param_terms.append(_Term(float(np.prod(tensor.shape)), slots))
+                self.param_terms.append(_Term(float(np.prod(tensor.shape)), slots_of.get(name, [])))
         self.base_macs = sum(t.base for t in self.mac_terms)
         self.base_params = sum(t.base for t in self.param_terms)
 
-    def _node_term(self, node: gs.Node) -> _Term | None:
-        tensors = self.analysis.graph.tensors()
+    def _node_term(self, node: gs.Node, tensors: dict[str, gs.Tensor]) -> _Term | None:
 
         def shape(name: str):
             t = tensors.get(name)

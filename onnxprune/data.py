@@ -68,6 +68,31 @@ def iter_batches(data: DataSource, names: list[str], batch_size: int = DEFAULT_B
         yield batch
 
 
+def is_one_shot(data: DataSource) -> bool:
+    """Whether `data` can be read only once: a reader with `get_next()` or an iterator/generator."""
+    return hasattr(data, "get_next") or isinstance(data, Iterator)
+
+
+def spool(data: DataSource, directory: "str | os.PathLike[str]") -> Path:
+    """Copy a one-shot source batch by batch into `directory` (one .npz per batch) and return it.
+
+    Several steps of a prune read the data (statistics, sequential re-fit, sensitivity,
+    verification, static quantization); a generator or reader would be empty after the first.
+    The directory form re-reads from disk, so memory still does not grow with the samples.
+    """
+    directory = Path(directory)
+    written = 0
+    for batch in _raw_batches(data, DEFAULT_BATCH, set()):
+        with zipfile.ZipFile(directory / f"batch_{written:08d}.npz", "w") as zf:  # np.savez would clash on
+            for name, array in batch.items():  # an input named "file"
+                with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+        written += 1
+    if not written:
+        raise InputError("data: no input data (the generator or reader yielded nothing)")
+    return directory
+
+
 def count_samples(data: DataSource, names: list[str]) -> int | None:
     """Number of samples without reading the arrays, where the form allows it (for progress bars)."""
     if isinstance(data, dict):

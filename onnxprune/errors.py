@@ -13,6 +13,11 @@ class InputError(OnnxPruneError):
     """Bad input or usage: unreadable model, invalid graph, bad option value (exit code 2)."""
 
 
+class InternalError(OnnxPruneError):
+    """A rule failed on one node: the message names the op and node so the bug can be reported
+    and the layer excluded (exit code 2); the original exception is chained."""
+
+
 class VerificationError(OnnxPruneError):
     """The pruned model does not match the original within the requested tolerance (exit code 1).
 

@@ -194,9 +194,31 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
                     tensor.shape = list(dims)
             if tensor.dtype is None and elem:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    _name_nodes(graph)
     from onnxprune.passes.canonical import canonicalize
 
     return canonicalize(graph, opset_version(model))
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed or duplicate-named nodes a unique "<op>_<index>" name (deterministic).
+
+    ONNX allows empty and repeated node names, but the passes key per-node state (ties, Gram
+    matrices, fits) by name; a shared key would crash or silently use another node's data.
+    """
+    taken = {node.name for node in graph.nodes if node.name}
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name, k = f"{node.op}_{index}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op}_{index}_{k}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
 
 
 def _keep_overridable_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
@@ -364,6 +386,7 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike[str]", external_
     tmp_model = tmp_data = backup = None
     try:
         fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        _usual_mode(fd)
         os.close(fd)
         if use_external:
             tmp_data = _write_with_external_data(model, Path(tmp_model), directory, data_name)
@@ -391,10 +414,28 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike[str]", external_
                 os.unlink(leftover)
 
 
+def _read_umask() -> int:
+    """The process umask. POSIX can only read it by setting it, which is process-wide: done once,
+    at import (single-threaded), never per write where it would race with other threads' files."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def _usual_mode(fd: int) -> None:
+    """Give a temp file the mode a plain `open` would (0o666 minus the umask): mkstemp's 0o600
+    would otherwise make every output private, which breaks CI artifacts and shared volumes."""
+    os.fchmod(fd, 0o666 & ~_UMASK)
+
+
 def _write_with_external_data(model: onnx.ModelProto, tmp_model: Path, directory: Path, data_name: str) -> str:
     """Serialise weights into a fresh temp data file (never appended to an existing one); the model
     refers to the data file's final name. The model proto is not modified."""
     fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=directory)
+    _usual_mode(fd)
     try:
         with os.fdopen(fd, "wb") as data, open(tmp_model, "wb") as fh:
             write_model_file(model, fh, data, data_name)
@@ -445,17 +486,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file (report, plan) through a temp file and a rename."""
+def atomic_write_text(path: "str | os.PathLike[str]", text: str) -> None:
+    """Write a small text file (report, plan) atomically, UTF-8 encoded; see `atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
+    """Write a small file (report, statistics, plot) so that readers see the old file or the whole
+    new one, never a partial one: temp file in the destination directory (so the rename stays on
+    one file system), the mode a plain `open` gives, fsync, rename. A failure leaves no temp file."""
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"{path}: directory {directory} does not exist")
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        _usual_mode(fd)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

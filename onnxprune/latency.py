@@ -32,7 +32,7 @@ from onnx import helper
 
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
-from onnxprune.plan import GroupPlan, Plan, keep_count
+from onnxprune.plan import GroupPlan, Plan, _lowest, keep_count, normalise_scores
 
 TABLE_FORMAT = "onnxprune-latency-table"
 TABLE_VERSION = 1
@@ -199,11 +199,16 @@ def _weight_axes(node: gs.Node) -> dict[str, int] | None:
     return {"out": 1, "in": 0}
 
 
-def candidate_counts(size: int, max_points: int = MAX_POINTS) -> list[int]:
-    """Block-aligned counts up to `size` (and `size` itself), at most about `max_points`."""
-    if size <= BLOCK:
+def candidate_counts(size: int, max_points: int = MAX_POINTS, unit: int = 1) -> list[int]:
+    """Block-aligned counts up to `size` (and `size` itself), at most about `max_points`.
+
+    `unit` is how many weight rows one channel spans (64 for an attention head): alignment is
+    about rows, so with 8 | unit every count is aligned.
+    """
+    block = BLOCK // math.gcd(BLOCK, unit)
+    if size <= block:
         return list(range(1, size + 1))
-    step = BLOCK * max(1, math.ceil(size / BLOCK / max_points))
+    step = block * max(1, math.ceil(size / block / max_points))
     return sorted(set(range(step, size, step)) | {size})
 
 
@@ -218,13 +223,18 @@ def measure_table(model: onnx.ModelProto, analysis: Analysis, threads: int = 1, 
     machine = f"{platform.machine()} {platform.processor()}".strip()
     table = LatencyTable(PROVIDER, threads, ort.__version__, machine, whole, runs=runs, clock=clock_for(threads)[0])
     rng = np.random.default_rng(0)
-    for layer in weight_layers(analysis):
+    layers = weight_layers(analysis)
+    units: dict[str, int] = {}  # one grid per group, so that its layers' curves line up
+    for layer in layers:
+        for group, per_unit in layer.axes.values():
+            units[group.key] = math.gcd(units.get(group.key, 0), per_unit)
+    for layer in layers:
         full = _time_layer(layer.node, {}, threads, runs, rng)
         if full is None:
             continue
         entry = LayerLatency(layer.node.name, layer.node.op, full)
         for role, (group, per_unit) in layer.axes.items():
-            counts = candidate_counts(group.size, max_points)
+            counts = candidate_counts(group.size, max_points, units[group.key])
             ms = [full if n == group.size else _time_layer(layer.node, {role: n * per_unit}, threads, runs, rng)
                   for n in counts]
             if all(m is not None for m in ms):
@@ -358,10 +368,6 @@ def auto_count(counts: list[int], ms: list[float], planned: int, tolerance: floa
     return counts[j]
 
 
-def _lowest(scores: np.ndarray, count: int) -> list[int]:
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:count])
-
-
 def round_plan(analysis: Analysis, scores: dict[int, np.ndarray], plan: Plan, table: LatencyTable) -> Plan:
     """`plan` with each group's kept count moved to `auto_count` of its latency curve.
 
@@ -394,7 +400,7 @@ def latency_plan(analysis: Analysis, scores: dict[int, np.ndarray], table: Laten
     groups = [g for g in analysis.prunable if curves[g.key] is not None]
     keep = {g.key: g.size for g in groups}
     full = table.estimate(keep)
-    cost = {g.key: np.concatenate([[0.0], np.cumsum(np.sort(scores[g.id] / (scores[g.id].mean() or 1.0)))])
+    cost = {g.key: np.concatenate([[0.0], np.cumsum(np.sort(normalise_scores(scores[g.id])))])
             for g in groups}
     floor = {g.key: keep_count(g.size, max_ratio) for g in groups}
     layers_of = {g.key: [l for l in table.layers if any(c.group == g.key for c in l.curves.values())] for g in groups}

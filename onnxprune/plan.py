@@ -94,6 +94,14 @@ def _lowest(scores: np.ndarray, count: int) -> list[int]:
     return sorted(int(i) for i in np.argsort(scores, kind="stable")[:count])
 
 
+def normalise_scores(scores: np.ndarray) -> np.ndarray:
+    """A group's scores divided by their mean magnitude, so groups of different scale compete in one
+    global ranking. The absolute mean keeps the order when a custom criterion's scores are negative
+    on average (dividing by a negative mean would reverse it); an all-zero group is left as is."""
+    scale = float(np.abs(scores).mean()) if len(scores) else 0.0
+    return scores / scale if scale > 0 and np.isfinite(scale) else np.asarray(scores, dtype=np.float64)
+
+
 def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
     """Remove the same fraction of every prunable group."""
     _check_ratio(ratio)
@@ -111,7 +119,7 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
     groups = analysis.prunable
     if not groups:
         return Plan()
-    normed = [scores[g.id] / (scores[g.id].mean() or 1.0) for g in groups]
+    normed = [normalise_scores(scores[g.id]) for g in groups]
     owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(groups)])
     flat = np.concatenate(normed)
     budget = int(math.floor(len(flat) * ratio + 1e-9))
@@ -133,7 +141,7 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
 
 def _global_order(groups, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(owner group index, channel) of every prunable channel, lowest normalised score first."""
-    normed = [scores[g.id] / (np.abs(scores[g.id]).mean() or 1.0) for g in groups]
+    normed = [normalise_scores(scores[g.id]) for g in groups]
     owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(groups)])
     channel = np.concatenate([np.arange(g.size) for g in groups])
     order = np.argsort(np.concatenate(normed), kind="stable")

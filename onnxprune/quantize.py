@@ -10,6 +10,7 @@ machine noise hits all alike), error against the original and, given labels, top
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.metrics import count
-from onnxprune.verify import LatencyReport, session
+from onnxprune.verify import DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, compare_outputs, session, top1_correct
 
 QUANTIZE_MODES = ("dynamic", "static")
 Feeds = dict[str, np.ndarray]
@@ -39,8 +40,10 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration=None) -> onnx.
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         source, target = Path(tmp) / "pruned.onnx", Path(tmp) / "quantized.onnx"
         source.write_bytes(model.SerializeToString())  # by path: given a ModelProto, ORT may move its weights out
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # ORT logs advice ("consider pre-processing") to the root logger
+        # ORT logs advice ("consider pre-processing") to the root logger: drop just those records,
+        # not every logger's (logging.disable is process-wide and would silence other threads).
+        quiet = _QuantizerAdvice(os.path.dirname(q.__file__))
+        logging.root.addFilter(quiet)
         try:
             if mode == "dynamic":
                 q.quantize_dynamic(source, target)
@@ -53,7 +56,19 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration=None) -> onnx.
             raise InputError(f"{mode} quantization failed in onnxruntime.quantization: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
         finally:
-            logging.disable(previous)
+            logging.root.removeFilter(quiet)
+
+
+class _QuantizerAdvice(logging.Filter):
+    """Drops the warnings and infos that `onnxruntime.quantization` logs straight to the root
+    logger; records from anywhere else, and ORT's errors, pass."""
+
+    def __init__(self, package_dir: str) -> None:
+        super().__init__()
+        self._prefix = os.path.join(os.path.realpath(package_dir), "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not os.path.realpath(record.pathname).startswith(self._prefix)
 
 
 class _Calibration:
@@ -112,15 +127,13 @@ def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_
 
 def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float | None, float | None]:
     """Max abs difference, cosine similarity and arg-max agreement of the first output, over all
-    samples of all batches (not the worst batch: every sample counts once)."""
-    a, b = (np.concatenate([_rows(x) for x in outputs]) for outputs in (reference, other))
+    samples of all batches (not the worst batch: every sample counts once), by the same
+    `verify.compare_outputs` that verification uses."""
+    a, b = (np.concatenate([np.atleast_1d(np.asarray(x)) for x in outputs]) for outputs in (reference, other))
     if a.shape != b.shape:
         raise InputError(f"output shapes differ: {a.shape} against {b.shape}")
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    cosine = float(np.sum(a * b) / norms) if norms > 0 else None
-    scores = reference[0]
-    top1 = float(np.mean(a.argmax(1) == b.argmax(1))) if scores.ndim == 2 and scores.shape[-1] > 1 else None
-    return float(np.max(np.abs(a - b))) if a.size else 0.0, cosine, top1
+    cmp = compare_outputs("output", a, b, DEFAULT_ATOL, DEFAULT_RTOL)
+    return cmp.max_abs_diff, cmp.cosine, cmp.top1_agreement
 
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -141,21 +154,15 @@ def accuracy(model: onnx.ModelProto, eval_data, labels: str) -> float:
         target = np.asarray(batch[labels]).reshape(-1)
         if not np.issubdtype(target.dtype, np.integer):
             raise InputError(f"labels array {labels!r} must hold integer class ids, got {target.dtype}")
-        scores = np.asarray(sess.run(None, {n: batch[n] for n in names})[0])
-        predicted = scores.reshape(-1, scores.shape[-1]).argmax(-1)
-        if predicted.shape != target.shape:
-            raise InputError(f"labels array {labels!r}: {target.size} labels for {predicted.size} predictions")
-        correct += int(np.sum(predicted == target))
+        scores = sess.run(None, {n: batch[n] for n in names})[0]
+        try:
+            correct += top1_correct(scores, target)
+        except InputError as exc:
+            raise InputError(f"labels array {labels!r}: {exc}") from None
         total += target.size
     if total == 0:
         raise InputError("evaluation data is empty")
     return correct / total
-
-
-def _rows(output: np.ndarray) -> np.ndarray:
-    """One row per sample (a scalar output counts as one sample)."""
-    x = np.asarray(output, dtype=np.float64)
-    return x.reshape(x.shape[0] if x.ndim else 1, -1)
 
 
 def latency(models: list[onnx.ModelProto], feeds: Feeds, threads: int = 1, warmup: int = 10,

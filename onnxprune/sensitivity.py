@@ -8,20 +8,23 @@ groups, and `auto_plan` spends a MACs budget where it costs the least measured e
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxprune.data import batch_size_for, iter_batches, model_inputs
+from onnxprune.data import batch_size_for, is_one_shot, iter_batches, model_inputs, spool
 from onnxprune.errors import InputError
+from onnxprune.ir import atomic_write_bytes
 from onnxprune.passes.dependency import Analysis
 from onnxprune.plan import GroupPlan, Plan, _lowest, keep_count
 from onnxprune.progress import progress
-from onnxprune.verify import random_inputs, session
+from onnxprune.verify import random_inputs, session, top1_accuracy
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 AUTO_RATIOS = (0.2, 0.4, 0.6, 0.8)
@@ -107,10 +110,10 @@ class SensitivityResult:
             axes[0][1].set(xlabel="fraction of the group's channels removed", ylabel="top-1 accuracy")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buffer.getvalue())
         return True
 
 
@@ -141,9 +144,7 @@ class _Evaluator:
     def accuracy(self, outputs: list[list[np.ndarray]]) -> float | None:
         if not self.labels:
             return None
-        hits = sum(int(np.sum(out[0].reshape(len(lab), -1).argmax(1) == np.asarray(lab).reshape(-1)))
-                   for out, lab in zip(outputs, self.labels))
-        return hits / sum(len(lab) for lab in self.labels)
+        return top1_accuracy([out[0] for out in outputs], self.labels)
 
     def measure(self, model: onnx.ModelProto) -> tuple[float, float | None]:
         outputs = self._outputs(model, self.batches)
@@ -153,12 +154,19 @@ class _Evaluator:
 def sensitivity(model, data=None, *, ratios=DEFAULT_RATIOS, criterion="l1", recover: str | None = "none",
                 stats=None, labels: str = "label", samples: int = EVAL_SAMPLES, exclude=(), seed: int = 0,
                 quiet: bool = False) -> SensitivityResult:
-    """Prune each prunable group alone at each ratio and measure the damage on `data`."""
+    """Prune each prunable group alone at each ratio and measure the damage on `data`.
+
+    A one-shot `data` (generator, `get_next()` reader) is spooled once to a temporary .npz
+    directory: statistics and the evaluation both read it."""
     from onnxprune.api import analyze
     from onnxprune.calibration import Calibration
     from onnxprune.importance import score_groups
     from onnxprune.ir import load_model
 
+    if data is not None and is_one_shot(data):
+        with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
+            return sensitivity(model, spool(data, tmp), ratios=ratios, criterion=criterion, recover=recover,
+                               stats=stats, labels=labels, samples=samples, exclude=exclude, seed=seed, quiet=quiet)
     original = load_model(model)
     analysis = analyze(original, exclude=exclude)
     calib = Calibration.prepare(original, analysis, data=data, stats=stats, criterion=criterion, recover=recover,
@@ -185,7 +193,9 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
             count = group.size - keep_count(group.size, ratio)
             remove = _lowest(scores[group.id], count)
             plan = Plan([GroupPlan(group.key, group.size, remove)])
+            # lstsq-seq re-reads the calibration data layer by layer, so it must travel along
             pruned = prune(original, plan=plan, stats=calib.stats, recover=calib.recover,
+                           data=calib.data if calib.recover == "lstsq-seq" else None,
                            gradients=calib.gradients, quiet=True).model
             err, acc = evaluator.measure(pruned)
             curve.error.append(err)
@@ -199,13 +209,14 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
 
 def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, np.ndarray], calib, data, *,
               target_macs: float | None, target_params: float | None, max_ratio: float = 0.9,
-              criterion="l1", labels: str = "label", seed: int = 0, quiet: bool = False
+              criterion="l1", labels: str = "label", seed: int = 0, quiet: bool = False, round_to: int = 1
               ) -> tuple[Plan, SensitivityResult]:
     """Non-uniform per-group ratios meeting the targets with the least measured error.
 
     Greedy on the sensitivity curves: repeatedly take the step (a few more channels of one group)
     with the smallest error increase per MAC saved, until the cost model meets every target; the
-    last step is then trimmed channel by channel so the result lands on the target.
+    last step is then trimmed channel by channel so the result lands on the target. With
+    `round_to` > 1 the kept counts are then rounded up to multiples of it, as `target_plan` does.
     """
     from onnxprune.cost import CostModel
 
@@ -266,6 +277,8 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
         fitting = [step for step in steps if meets(step)]
         if fitting:
             counts = max(fitting, key=objective)
+    if round_to > 1:
+        counts = {g.id: g.size - keep_count(g.size, counts[g.id] / g.size, round_to) for g in groups}
     chosen = units(counts)
     plan = Plan([GroupPlan(g.key, g.size, [int(u) for u in chosen.get(g.id, [])]) for g in groups])
     return plan, sens

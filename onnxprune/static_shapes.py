@@ -113,28 +113,76 @@ def _concrete_shapes(skeleton: onnx.ModelProto, sizes: tuple[int, ...]) -> dict[
 
 
 EXECUTE_MAX_BYTES = 512 << 20
-"""Models with more weight bytes are not run (the probe holds a copy of the weights)."""
+"""Models with more weight bytes are not run. The probe itself carries no weight payloads (large
+float initializers become inputs fed with zeros), but ORT's run still allocates every
+intermediate, which grows with the model."""
+
+INLINE_MAX_BYTES = 1024
+"""Initializers at most this large, or of a non-float type, keep their real values in the probe:
+shape-carrying constants (Reshape targets, Slice bounds, Expand shapes) must compute correctly."""
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+                onnx.TensorProto.DOUBLE: 8}
 
 
 def _small(model: onnx.ModelProto) -> bool:
-    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer) <= EXECUTE_MAX_BYTES
+    from onnxprune.streaming import payload_size  # from dims: reading raw_data would copy it
+
+    return sum(payload_size(t) or 4 * len(t.float_data) for t in model.graph.initializer) <= EXECUTE_MAX_BYTES
+
+
+def _numel(init: onnx.TensorProto) -> int:
+    numel = 1
+    for dim in init.dims:
+        numel *= dim
+    return numel
+
+
+def _stripped(init: onnx.TensorProto) -> bool:
+    """Whether `init` is fed to the probe as zeros instead of its (large, float) payload."""
+    size = _FLOAT_TYPES.get(init.data_type)
+    return size is not None and size * _numel(init) > INLINE_MAX_BYTES
+
+
+def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of `model` without value_info whose large float initializers are graph inputs instead
+    (name, type, dims only); returns it and those initializers' payload-free stubs."""
+    from onnxprune.streaming import without_fields
+
+    probe = without_fields(model, "graph")
+    probe.graph.CopyFrom(without_fields(model.graph, "initializer", "value_info"))
+    declared = {vi.name for vi in probe.graph.input}
+    stubs = []
+    for init in model.graph.initializer:
+        if not _stripped(init):
+            probe.graph.initializer.append(init)
+            continue
+        stubs.append(without_fields(init, "raw_data", "float_data", "double_data", "int32_data",
+                                    "external_data", "data_location"))
+        if init.name not in declared:
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return probe, stubs
 
 
 def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: tuple[int, ...]
                      ) -> dict[str, tuple] | None:
-    """Shapes of every node output observed in ONNX Runtime on zero inputs of the probe sizes."""
+    """Shapes of every node output observed in ONNX Runtime on zero inputs of the probe sizes.
+
+    Large float weights are fed as zero-filled inputs: calloc'd pages that are only ever read, which
+    ORT uses in place, so the probe holds no second copy of the weights. (Zeros as external
+    initializers would not do: ORT copies those into its own buffers at session creation.)
+    """
     import numpy as np
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
+    probe, stubs = _probe_model(model)
     _pin_inputs(probe, sizes)
-    init = {t.name for t in probe.graph.initializer}
+    init = {t.name for t in probe.graph.initializer} | {t.name for t in stubs}
     known = {o.name for o in probe.graph.output}
     names = [o for n in probe.graph.node for o in n.output if o and o not in known and o not in init]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    feeds = {}
+    feeds = {t.name: np.zeros(tuple(t.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+             for t in stubs}
     for vi in probe.graph.input:
         if vi.name in init:
             continue
@@ -144,10 +192,11 @@ def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: t
     try:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.inter_op_num_threads = 1
         options.log_severity_level = 4
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        outputs = session.run(None, feeds)
+        runner = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs = runner.run(None, feeds)
     except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its inferred shapes
         return None
     # an empty dim on zero inputs may be data-dependent (NonZero): it proves nothing
-    return {o.name: tuple(d or None for d in np.shape(value)) for o, value in zip(session.get_outputs(), outputs)}
+    return {o.name: tuple(d or None for d in np.shape(value)) for o, value in zip(runner.get_outputs(), outputs)}

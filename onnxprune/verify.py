@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -20,13 +21,17 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 
 
-def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 1) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 1,
+            log_severity: int = 3) -> ort.InferenceSession:
+    """A CPU session from the in-memory model. Optimisations off by default, so results reflect the
+    graph as written; `threads` 0 is ORT's default; `log_severity` 3 shows only ORT's errors, 4
+    nothing (for probe runs whose failures are expected). Load failures raise `InputError`."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -120,9 +125,37 @@ def compare_outputs(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: 
                             bool(np.all(diff <= atol + rtol * np.abs(a64))), min_atol)
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds_list: list[dict[str, np.ndarray]],
+def top1_correct(logits: np.ndarray, labels: np.ndarray) -> int:
+    """How many samples' arg-max class equals their integer label. Classes lie on the last axis
+    ((N, C) with labels (N,), (N, T, C) with (N, T)) or fill each sample's row ((N, C, 1, 1));
+    a count that fits neither raises rather than scoring a misaligned arg-max."""
+    scores, target = np.asarray(logits), np.asarray(labels).reshape(-1)
+    per_sample = scores.size // target.size if target.size else 0
+    last = scores.shape[-1] if scores.ndim else 1
+    row = int(np.prod(scores.shape[1:])) if scores.ndim else 1
+    if not per_sample or scores.size != per_sample * target.size or per_sample not in (last, row):
+        raise InputError(f"{target.size} labels do not match outputs of shape {scores.shape}")
+    return int(np.sum(scores.reshape(target.size, per_sample).argmax(1) == target))
+
+
+def top1_accuracy(logits: "np.ndarray | list[np.ndarray]", labels: "np.ndarray | list[np.ndarray]") -> float:
+    """Top-1 accuracy of class scores against integer labels, over one array or a list of batches
+    (each sample counts once); the one accuracy that the demo, sensitivity and quantize report."""
+    pairs = list(zip(logits, labels)) if isinstance(logits, list) else [(logits, labels)]
+    total = sum(int(np.size(lab)) for _, lab in pairs)
+    if total == 0:
+        raise InputError("no labelled samples to measure accuracy on")
+    return sum(top1_correct(out, lab) for out, lab in pairs) / total
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds_list: "Iterable[dict[str, np.ndarray]]",
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> VerifyReport:
-    """Run both models on each feed and compare every output (worst case over feeds)."""
+    """Run both models on each feed and compare every output, worst case over feeds.
+
+    `feeds_list` is streamed (any iterable, read once), so large data never sits in memory. Per
+    output, `passed` holds only if every batch passes and each diff figure is its own maximum over
+    batches: a later passing batch with a larger diff must never hide an earlier failing one.
+    """
     sa, sb = session(original), session(pruned)
     names = [o.name for o in sa.get_outputs()]
     if names != [o.name for o in sb.get_outputs()]:
@@ -134,10 +167,20 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds_list: list
         for name, a, b in zip(names, ra, rb):
             cmp = compare_outputs(name, np.asarray(a), np.asarray(b), atol, rtol)
             prev = worst.get(name)
-            if prev is None or cmp.max_abs_diff > prev.max_abs_diff or not cmp.passed:
-                worst[name] = cmp
+            worst[name] = cmp if prev is None else _merge(prev, cmp)
+    if not worst:
+        raise InputError("no input data to compare the models on")
     report.outputs = [worst[n] for n in names]
     return report
+
+
+def _merge(prev: OutputComparison, cmp: OutputComparison) -> OutputComparison:
+    """Worst case of two batches' comparisons of one output, figure by figure."""
+    tops = [t for t in (prev.top1_agreement, cmp.top1_agreement) if t is not None]
+    return OutputComparison(prev.name, max(prev.max_abs_diff, cmp.max_abs_diff),
+                            max(prev.max_rel_diff, cmp.max_rel_diff), min(prev.cosine, cmp.cosine),
+                            min(tops) if tops else None, prev.passed and cmp.passed,
+                            max(prev.min_atol, cmp.min_atol))
 
 
 @dataclass

@@ -69,6 +69,8 @@ def test_candidate_counts_are_block_aligned_and_end_at_the_size():
     counts = candidate_counts(100)
     assert counts[-1] == 100 and all(c % 8 == 0 for c in counts[:-1]) and counts == sorted(set(counts))
     assert len(candidate_counts(2048)) <= 25
+    assert candidate_counts(12, unit=64) == list(range(1, 13))  # attention heads: every count is aligned
+    assert candidate_counts(12, unit=4) == [2, 4, 6, 8, 10, 12]
 
 
 def test_round_to_auto_uses_the_given_table(tmp_path):

@@ -54,9 +54,9 @@ class Gemm(OpRule):
         dead = ~np.any(np.moveaxis(b, b_out, 0) != 0, axis=1)
         c = v.const(v.inp(2)) if v.inp(2) else None
         n = b.shape[b_out]
-        bias = np.zeros(n) if c is None else np.broadcast_to(c.astype(np.float64), (1, n))[-1]
         if c is not None and c.ndim == 2 and c.shape[0] > 1:
-            return
+            return  # a per-row bias (M, N) or (M, 1) is no per-feature constant: checked before broadcasting
+        bias = np.zeros(n) if c is None else np.broadcast_to(c.astype(np.float64), (1, n))[-1]
         values.set((v.outputs[0], 1), np.where(dead, v.attr("beta", 1.0) * bias, np.nan))
 
     def contraction(self, v: NodeView) -> Slot | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.errors import InputError
 from onnxprune.ops import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie
 from onnxprune.ops.base import SUPPORTED_OPSETS, Defer
 
@@ -70,7 +71,16 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
     def exclude(self, patterns: list[str]) -> None:
-        """Freeze groups produced by nodes whose names match any glob in `patterns`."""
+        """Freeze groups produced by nodes whose names match any glob in `patterns`.
+
+        Only producers' names are matched (a layer's output channels are protected; its inputs
+        may still shrink). A pattern matching no node at all is refused: a typo would otherwise
+        leave the layer silently unprotected.
+        """
+        names = [node.name for node in self.graph.nodes]
+        unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+        if unmatched:
+            raise InputError(", ".join(f"--exclude '{pat}'" for pat in unmatched) + " matches no node")
         for group in self.groups:
             hit = [p for p in group.producers if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
             if hit:

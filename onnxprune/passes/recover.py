@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import onnx
@@ -22,10 +24,12 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.ops import Slot
 from onnxprune.passes.dependency import Analysis
-from onnxprune.passes.rewrite import contraction_slots, removed_elements
+from onnxprune.passes.rewrite import contraction_slots, node_context, removed_elements
 from onnxprune.passes.stats import RowSource, Statistics
 
-RECOVER_METHODS = ("none", "bias", "lstsq", "lstsq-seq")
+RecoverMethod = Literal["none", "bias", "lstsq", "lstsq-seq"]
+RECOVER_METHODS: tuple[str, ...] = get_args(RecoverMethod)
+"""The recovery methods; the CLI choices and the API's type are both derived from this one list."""
 RIDGE = 1e-5
 """Ridge strength relative to the mean input energy of the kept features."""
 
@@ -230,29 +234,36 @@ def apply_fits(graph: gs.Graph, fits: list[Fit]) -> int:
 
     for fit in fits:
         node = nodes[fit.node]
-        dtype = np.asarray(node.inputs[1].values).dtype
-        weight, bias = fit.weight, fit.bias
-        if fit.kept_outputs is not None:
-            axis = 0 if fit.op == "Conv" else 1
-            weight, bias = np.take(weight, fit.kept_outputs, axis=axis), bias[fit.kept_outputs]
-        if fit.op == "Gemm":
-            weight = weight.T if node.attrs.get("transB", 0) else weight
-            node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
-        node.inputs[1] = fresh(f"{node.name}_weight_fit", weight.astype(dtype))
-        if fit.op in ("Conv", "Gemm"):
-            while len(node.inputs) < 3:
-                node.inputs.append(gs.Variable.empty())
-            node.inputs[2] = fresh(f"{node.name}_bias_fit", bias.astype(dtype))
-        elif _bias_add(node) is not None:  # re-fitted before (sequential): update its bias
-            _bias_add(node).inputs[1] = fresh(f"{node.name}_bias_fit", bias.astype(dtype))
-        elif np.any(bias != 0):
-            out = node.outputs[0]
-            mid = gs.Variable(unique(f"{out.name}_nobias"), dtype=out.dtype)
-            node.outputs[0] = mid
-            graph.nodes.append(gs.Node("Add", f"{node.name}_bias_fit_add",
-                                       inputs=[mid, fresh(f"{node.name}_bias_fit", bias.astype(dtype))],
-                                       outputs=[out]))
+        with node_context(node):
+            _apply_fit(graph, node, fit, unique, fresh)
     return len(fits)
+
+
+def _apply_fit(graph: gs.Graph, node: gs.Node, fit: Fit, unique: Callable[[str], str],
+               fresh: Callable[[str, np.ndarray], gs.Constant]) -> None:
+    """Write one fit into its node (split out so failures name the node via `node_context`)."""
+    dtype = np.asarray(node.inputs[1].values).dtype
+    weight, bias = fit.weight, fit.bias
+    if fit.kept_outputs is not None:
+        axis = 0 if fit.op == "Conv" else 1
+        weight, bias = np.take(weight, fit.kept_outputs, axis=axis), bias[fit.kept_outputs]
+    if fit.op == "Gemm":
+        weight = weight.T if node.attrs.get("transB", 0) else weight
+        node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
+    node.inputs[1] = fresh(f"{node.name}_weight_fit", weight.astype(dtype))
+    if fit.op in ("Conv", "Gemm"):
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[2] = fresh(f"{node.name}_bias_fit", bias.astype(dtype))
+    elif _bias_add(node) is not None:  # re-fitted before (sequential): update its bias
+        _bias_add(node).inputs[1] = fresh(f"{node.name}_bias_fit", bias.astype(dtype))
+    elif np.any(bias != 0):
+        out = node.outputs[0]
+        mid = gs.Variable(unique(f"{out.name}_nobias"), dtype=out.dtype)
+        node.outputs[0] = mid
+        graph.nodes.append(gs.Node("Add", f"{node.name}_bias_fit_add",
+                                   inputs=[mid, fresh(f"{node.name}_bias_fit", bias.astype(dtype))],
+                                   outputs=[out]))
 
 
 def _bias_add(node: gs.Node) -> gs.Node | None:

@@ -8,12 +8,15 @@ initializers are sliced once each, and finally intermediate shapes are re-inferr
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.errors import InternalError, OnnxPruneError
 from onnxprune.ir import array_to_tensor, tensor_to_array
 from onnxprune.ops import Slot
 from onnxprune.passes.dependency import Analysis, rule_for
@@ -143,6 +146,22 @@ def rewrite(analysis: Analysis, units: dict[int, np.ndarray], values: dict[Slot,
     return RewriteResult(sum(len(u) for u in units.values()), sliced, compensated, inexact)
 
 
+@contextmanager
+def node_context(node: gs.Node) -> Iterator[None]:
+    """Re-raise a rule's unexpected exception as `InternalError` naming the op and node.
+
+    A bare TypeError/ValueError from deep inside a rule says nothing about which layer to
+    exclude or report; onnxprune's own errors pass through unchanged.
+    """
+    try:
+        yield
+    except OnnxPruneError:
+        raise
+    except Exception as exc:
+        raise InternalError(f"internal error while rewriting {node.op} '{node.name}': "
+                            f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
 def _update_nodes(analysis: Analysis, edit: Edit) -> None:
     touched = {slot[0] for slot in edit.removed}
     for node in list(analysis.graph.nodes):
@@ -150,7 +169,8 @@ def _update_nodes(analysis: Analysis, edit: Edit) -> None:
         if names & touched:
             rule = rule_for(node, analysis.opset)
             if rule is not None:
-                rule.update(analysis.view(node), edit)
+                with node_context(node):
+                    rule.update(analysis.view(node), edit)
 
 
 def _compensate(analysis: Analysis, edit: Edit, values: dict[Slot, np.ndarray]) -> tuple[int, list[str]]:
@@ -164,9 +184,10 @@ def _compensate(analysis: Analysis, edit: Edit, values: dict[Slot, np.ndarray]) 
             vals = np.nan_to_num(vals, nan=0.0)
         for node in nodes:
             rule, view = rule_for(node, analysis.opset), analysis.view(node)
-            if not rule.compensation_exact(view, vals):
-                inexact.append(node.name)
-            rule.compensate(view, slot, gone, vals, edit)
+            with node_context(node):
+                if not rule.compensation_exact(view, vals):
+                    inexact.append(node.name)
+                rule.compensate(view, slot, gone, vals, edit)
             count += 1
     return count, inexact
 

@@ -12,6 +12,7 @@ exactly: a data owner can compute them anywhere and hand over aggregates, never 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from onnxprune.data import DataSource, batch_size_for, count_samples, iter_batches, model_inputs
 from onnxprune.errors import InputError
+from onnxprune.ir import atomic_write_bytes
 from onnxprune.ops import Slot
 from onnxprune.passes.dependency import Analysis
 from onnxprune.passes.rewrite import contraction_slots
@@ -143,25 +146,37 @@ class Statistics:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`np.savez` through `ir.atomic_write_bytes`: one atomic-write path for every output file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+FINGERPRINT_PREFIX = "w1-"
+"""Marks fingerprints that cover weight values; older files (structure only) lack it."""
+_SAMPLE_BYTES = 4096
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
-    """A structural identity of the model: nodes, wiring and weight shapes (not weight values)."""
+    """The model's identity: nodes, wiring, weight shapes and dtypes, and a strided sample of each
+    weight's bytes, so statistics of another checkpoint of the same architecture do not match.
+    The sample keeps it cheap on large models (at most 4 KiB read per initializer)."""
     h = hashlib.sha256()
     for node in model.graph.node:
         h.update(f"{node.name}|{node.op_type}|{','.join(node.input)}|{','.join(node.output)};".encode())
     for init in model.graph.initializer:
-        h.update(f"{init.name}:{list(init.dims)};".encode())
-    return h.hexdigest()[:16]
+        h.update(f"{init.name}:{list(init.dims)}:{init.data_type};".encode())
+        h.update(_value_sample(init))
+    return FINGERPRINT_PREFIX + h.hexdigest()[:16]
+
+
+def _value_sample(init: onnx.TensorProto) -> bytes:
+    """A strided sample of a tensor's bytes (its external-data reference when not loaded)."""
+    if init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data:
+        return "|".join(f"{e.key}={e.value}" for e in init.external_data).encode()
+    raw = init.raw_data if init.raw_data else numpy_helper.to_array(init).tobytes()
+    step = max(1, len(raw) // _SAMPLE_BYTES)
+    return len(raw).to_bytes(8, "little") + memoryview(raw)[::step].tobytes()
 
 
 def merge_files(paths: list["str | os.PathLike[str]"]) -> Statistics:
@@ -328,5 +343,9 @@ def _accumulate(stats: Statistics, values: dict[str, np.ndarray], slots: list[Sl
 
 
 def check_matches(stats: Statistics, model: onnx.ModelProto) -> None:
+    """Refuse statistics of another model, or of another checkpoint of the same architecture."""
+    if not stats.fingerprint.startswith(FINGERPRINT_PREFIX):
+        raise InputError("statistics file predates weight fingerprints and cannot be checked against this "
+                         "model's weights: recompute it with 'onnxprune stats'")
     if stats.fingerprint != fingerprint(model):
-        raise InputError("statistics were computed on a different model (fingerprint mismatch)")
+        raise InputError("statistics were computed on a different model or other weights (fingerprint mismatch)")
