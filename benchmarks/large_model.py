@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,24 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-_CHILD = r"""
-import json, sys, time
-import onnx, onnxruntime, numpy  # imported before the baseline, as the CLI would
-from onnxprune.cli import main
-def status(key):  # bytes; ru_maxrss would carry the parent's peak over fork + exec
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak (VmHWM) to the current RSS
-base = status("VmRSS")
-start = time.perf_counter()
-code = main(sys.argv[1:])
-elapsed = time.perf_counter() - start
-peak = status("VmHWM")
-print(json.dumps({"code": code, "seconds": elapsed, "peak_rss": peak, "base_rss": base}))
-"""
-
+from cli_rss import run_cli_measured
 
 class _Builder:
     """Accumulates a decoder graph; weights go straight into the model proto, one at a time."""
@@ -115,13 +95,6 @@ def build_llama(layers: int, hidden: int, inner: int, heads: int, vocab: int, se
     return model, b.weight_bytes
 
 
-def run_cli(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise SystemExit(f"prune failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=9)
@@ -148,7 +121,7 @@ def main() -> None:
               f"{time.perf_counter() - start:.1f} s")
         out = work / "pruned.onnx"
         report = work / "report.json"
-        result = run_cli(["prune", str(src), "-o", str(out), "--ratio", str(args.ratio), "--report", str(report)])
+        result = run_cli_measured(["prune", str(src), "-o", str(out), "--ratio", str(args.ratio), "--report", str(report)])
         added = result["peak_rss"] - result["base_rss"]
         figures = json.loads(report.read_text())
         print(f"params {figures['params_before']:,} -> {figures['params_after']:,}, groups pruned "

@@ -17,10 +17,7 @@ Models are random-init exports (legacy TorchScript exporter, opset 17); nothing 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,24 +25,9 @@ from typing import Callable
 
 import onnx
 
+from cli_rss import run_cli_measured
+
 RATIO = 0.5
-_CHILD = r"""
-import json, sys, time
-import onnx, onnxruntime, numpy
-from onnxprune.cli import main
-def status(key):  # bytes; ru_maxrss would carry the parent's peak over fork + exec
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak (VmHWM) to the current RSS
-base = status("VmRSS")
-code = main(sys.argv[1:])
-peak = status("VmHWM")
-print(json.dumps({"code": code, "peak": peak, "base": base}))
-"""
-
-
 def export(name: str, directory: Path) -> Path:
     """Export a random-init torch model once (cached in `directory`)."""
     path = directory / f"{name}.onnx"
@@ -135,13 +117,8 @@ def torch_pruning_seconds(name: str, repeat: int) -> float | str:
 
 
 def peak_rss(path: Path, out: Path) -> tuple[int, int]:
-    done = subprocess.run([sys.executable, "-c", _CHILD, "prune", str(path), "-o", str(out), "--ratio", str(RATIO)],
-                          capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"prune of {path} failed: {done.stderr.strip()[-1000:]}")
-    figures = json.loads(lines[-1])
-    return figures["peak"], figures["base"]
+    figures = run_cli_measured(["prune", str(path), "-o", str(out), "--ratio", str(RATIO)])
+    return figures["peak_rss"], figures["base_rss"]
 
 
 def measure(path: Path, torch_name: str | None, repeat: int) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
@@ -17,7 +16,7 @@ from onnxprune.data import is_one_shot, spool
 from onnxprune.errors import InputError, VerificationError
 from onnxprune.heads import freeze_hidden, with_head_ratio
 from onnxprune.importance import Criterion, score_groups
-from onnxprune.ir import ModelMeta, check_model, from_graph, load_model, opset_version, save_model, to_graph
+from onnxprune.ir import ModelMeta, check_model, from_graph, load_model, opset_version, save_model
 from onnxprune.metrics import ModelStats, count
 from onnxprune.passes.dead_channels import find_dead_channels
 from onnxprune.passes.dependency import Analysis, analyze_graph

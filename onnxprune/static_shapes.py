@@ -178,9 +178,23 @@ def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: t
     probe, stubs = _probe_model(model)
     _pin_inputs(probe, sizes)
     init = {t.name for t in probe.graph.initializer} | {t.name for t in stubs}
-    known = {o.name for o in probe.graph.output}
-    names = [o for n in probe.graph.node for o in n.output if o and o not in known and o not in init]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    known = [o.name for o in probe.graph.output]
+    names = known + [o for n in probe.graph.node for o in n.output if o and o not in known and o not in init]
+    plain = onnx.ModelProto()
+    plain.CopyFrom(probe)  # small: no weight payloads
+    plain.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names[len(known):])
+    # the shape of each tensor as the output, not the tensor, taken right after its producer, so
+    # ORT frees the intermediates as it goes
+    del probe.graph.output[:]
+    shape_of = {name: f"{name}:onnxprune_shape_{i}" for i, name in enumerate(names)}
+    produced = {o for n in probe.graph.node for o in n.output}
+    nodes = [onnx.helper.make_node("Shape", [name], [shape_of[name]]) for name in names if name not in produced]
+    for node in probe.graph.node:
+        nodes.append(node)
+        nodes.extend(onnx.helper.make_node("Shape", [o], [shape_of[o]]) for o in node.output if o in shape_of)
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=shape_of[name]) for name in names)
     feeds = {t.name: np.zeros(tuple(t.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
              for t in stubs}
     for vi in probe.graph.input:
@@ -189,14 +203,21 @@ def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: t
         tt = vi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[vi.name] = np.zeros([d.dim_value for d in tt.shape.dim], dtype=dtype)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    # DEFAULT order runs the Shape nodes last (every intermediate alive at once); this one keeps ours
+    options.execution_order = getattr(ort.ExecutionOrder, "PRIORITY_BASED", options.execution_order)
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4
         runner = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        outputs = runner.run(None, feeds)
-    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its inferred shapes
-        return None
+        shapes = [tuple(int(d) for d in value) for value in runner.run(None, feeds)]
+    except Exception:  # noqa: BLE001 - e.g. a sequence-valued tensor Shape rejects: return them all
+        try:
+            runner = ort.InferenceSession(plain.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            shapes = [np.shape(value) for value in runner.run(None, feeds)]
+            names = [o.name for o in runner.get_outputs()]
+        except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its inferred shapes
+            return None
     # an empty dim on zero inputs may be data-dependent (NonZero): it proves nothing
-    return {o.name: tuple(d or None for d in np.shape(value)) for o, value in zip(runner.get_outputs(), outputs)}
+    return {name: tuple(d or None for d in shape) for name, shape in zip(names, shapes)}

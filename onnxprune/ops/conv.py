@@ -52,7 +52,6 @@ class _ConvLike(OpRule):
         g = int(v.attr("group", 1))
         if g < 1 or cin % g or (self.out_axis == 0 and w[0] % g):  # a damaged model: never guess
             return None
-        per_in = w[self.in_axis] if self.in_axis == 1 else cin // g
         per_out = w[self.out_axis] if self.out_axis == 0 else w[1]
         cout = per_out * g if self.out_axis == 1 else w[0]
         return g, cin, cout, cin // g, cout // g

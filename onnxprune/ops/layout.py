@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
