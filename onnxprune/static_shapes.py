@@ -164,6 +164,16 @@ def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Ten
     return probe, stubs
 
 
+def _zeros(cache: dict, shape: tuple, dtype) -> "np.ndarray":
+    """One zero array per (shape, dtype): fewer pages touched when ORT reads them."""
+    import numpy as np
+
+    key = (shape, np.dtype(dtype).str)
+    if key not in cache:
+        cache[key] = np.zeros(shape, dtype=dtype)
+    return cache[key]
+
+
 def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: tuple[int, ...]
                      ) -> dict[str, tuple] | None:
     """Shapes of every node output observed in ONNX Runtime on zero inputs of the probe sizes.
@@ -195,7 +205,8 @@ def _executed_shapes(model: onnx.ModelProto, skeleton: onnx.ModelProto, sizes: t
     del probe.graph.node[:]
     probe.graph.node.extend(nodes)
     probe.graph.output.extend(onnx.ValueInfoProto(name=shape_of[name]) for name in names)
-    feeds = {t.name: np.zeros(tuple(t.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    zeros: dict[tuple, np.ndarray] = {}  # ORT only reads its inputs: same-shaped weights share one
+    feeds = {t.name: _zeros(zeros, tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
              for t in stubs}
     for vi in probe.graph.input:
         if vi.name in init:
