@@ -206,11 +206,9 @@ NOTES = """
   time; the channels reaching them are frozen there, so those rows remove a little less than the
   dynamo export (which Torch-Pruning's share is compared against).
 - DenseNet-121: Torch-Pruning removes 0.2 points more of the params (71.5% vs 71.3%).
-- A row "timed out" ran past the sweep's per-model limit on the (heavily shared) machine that
-  produced this table; the same family passes in the zoo test tier (tests/test_zoo_torchvision.py)
-  on a reduced configuration of the same torchvision class.
-- MaxViT has no row yet: the last sweep was stopped for time before it finished; the reduced
-  MaxViT configuration (`maxvit_tiny_config`) passes the zoo test tier.
+- Swin-T on the TorchScript exporter removes 30% of params: its window reshapes compute their
+  targets at run time and 39 groups stay frozen with that reason (the dynamo export removes 46%).
+- MaxViT-T: its attention uses `Einsum`, which has no channel rule yet; those channels are frozen.
 - Torch-Pruning fails on ShuffleNetV2 (channel shuffle) and torchvision's ViT; onnxprune prunes both.
 """
 

@@ -101,6 +101,7 @@ CATALOGUE: list[ZooModel] = [
     ZooModel("vit_b_16", "ViT", _tv("vit_b_16", image_size=32), 32),
     ZooModel("swin_t", "Swin", _tv("swin_t"), 32),
     ZooModel("maxvit_tiny_config", "MaxViT", _tiny_maxvit, 32, small=True),
+    ZooModel("maxvit_t", "MaxViT", _tv("maxvit_t"), 224),
     ZooModel("resnext_tiny_config", "ResNeXt", _tiny("resnext"), 32, small=True, sweep=False),
     ZooModel("wide_resnet_tiny_config", "Wide-ResNet", _tiny("wide_resnet"), 32, small=True, sweep=False),
     ZooModel("convnext_tiny_config", "ConvNeXt", _tiny("convnext"), 32, small=True, sweep=False),
