@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -113,13 +112,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_analyze(args) -> int:
     from onnxprune.api import analyze
-    from onnxprune.ir import atomic_write_text
+    from onnxprune.ir import atomic_write_json
     from onnxprune.report import analysis_json, analysis_listing
 
     analysis = analyze(args.model, exclude=args.exclude, prune_hidden=args.prune_hidden)
     print(analysis_listing(analysis))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(analysis_json(analysis), indent=1))
+        atomic_write_json(args.json, analysis_json(analysis))
     return 0
 
 
@@ -203,10 +202,10 @@ def _cmd_prune(args) -> int:
 def _write_reports(args, result, sensitivity) -> None:
     """The JSON report (--report) and the HTML page (--html), also after a failed verification."""
     from onnxprune.html_report import html_page
-    from onnxprune.ir import atomic_write_text
+    from onnxprune.ir import atomic_write_json, atomic_write_text
 
     if args.report:
-        atomic_write_text(Path(args.report), json.dumps(result.report.to_dict(), indent=1))
+        atomic_write_json(args.report, result.report.to_dict())
     if args.html:
         atomic_write_text(Path(args.html), html_page(result.report, sensitivity, title=Path(args.model).name))
 

@@ -7,6 +7,7 @@ channels it removes, and it writes files atomically so a failed run never leaves
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -489,6 +490,11 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_text(path: "str | os.PathLike[str]", text: str) -> None:
     """Write a small text file (report, plan) atomically, UTF-8 encoded; see `atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: "str | os.PathLike[str]", data: object) -> None:
+    """Write a JSON document (report, plan, table) atomically, indented for people to read."""
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:

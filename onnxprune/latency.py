@@ -33,6 +33,7 @@ from onnx import helper
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
 from onnxprune.plan import GroupPlan, Plan, _lowest, keep_count, normalise_scores
+from onnxprune.verify import random_inputs, session
 
 TABLE_FORMAT = "onnxprune-latency-table"
 TABLE_VERSION = 1
@@ -113,9 +114,9 @@ class LatencyTable:
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, **asdict(self)}
 
     def save(self, path: "str | Path") -> None:
-        from onnxprune.ir import atomic_write_text
+        from onnxprune.ir import atomic_write_json
 
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict) -> "LatencyTable":
@@ -217,9 +218,8 @@ def measure_table(model: onnx.ModelProto, analysis: Analysis, threads: int = 1, 
     """Time every prunable weight layer of `model` alone at each candidate count, and the model."""
     import onnxruntime as ort
 
-    from onnxprune.verify import random_inputs
 
-    whole = _fastest_ms(_session(model.SerializeToString(), threads), random_inputs(model), runs, threads)
+    whole = _fastest_ms(session(model, optimize=True, threads=threads), random_inputs(model), runs, threads)
     machine = f"{platform.machine()} {platform.processor()}".strip()
     table = LatencyTable(PROVIDER, threads, ort.__version__, machine, whole, runs=runs, clock=clock_for(threads)[0])
     rng = np.random.default_rng(0)
@@ -252,7 +252,7 @@ def _time_layer(node: gs.Node, dims: dict[str, int], threads: int, runs: int, rn
         return None
     model, feeds = built
     try:
-        return _fastest_ms(_session(model.SerializeToString(), threads), feeds, runs, threads)
+        return _fastest_ms(session(model, optimize=True, threads=threads), feeds, runs, threads)
     except Exception:  # noqa: BLE001 - a layer ORT cannot run alone is left out of the table
         return None
 
@@ -305,17 +305,6 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _session(serialized: bytes, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(serialized, opts, providers=[PROVIDER])
-
-
 def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
     """The clock latency is read with: with one intra-op thread ORT computes on the calling thread,
     so its CPU time is the run's latency without the time other processes steal (on a shared
@@ -339,7 +328,7 @@ def _fastest_ms(session, feeds: dict, runs: int, threads: int) -> float:
 def compare_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, threads: int = 1,
                     runs: int = 30) -> tuple[float, float]:
     """Fastest-run latency (ms) of two models, runs interleaved, same settings as the tables."""
-    sessions = [_session(m.SerializeToString(), threads) for m in (original, pruned)]
+    sessions = [session(m, optimize=True, threads=threads) for m in (original, pruned)]
     for s in sessions:
         for _ in range(max(2, runs // 5)):
             s.run(None, feeds)

@@ -36,9 +36,9 @@ class Plan:
                 "groups": [{"key": g.key, "size": g.size, "remove": list(g.remove)} for g in self.groups]}
 
     def save(self, path: "str | Path") -> None:
-        from onnxprune.ir import atomic_write_text
+        from onnxprune.ir import atomic_write_json
 
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":

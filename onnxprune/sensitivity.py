@@ -9,11 +9,9 @@ groups, and `auto_plan` spends a MACs budget where it costs the least measured e
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -285,6 +283,6 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
 
 
 def save_json(result: SensitivityResult, path: "str | os.PathLike[str]") -> None:
-    from onnxprune.ir import atomic_write_text
+    from onnxprune.ir import atomic_write_json
 
-    atomic_write_text(Path(path), json.dumps(result.to_json(), indent=1))
+    atomic_write_json(path, result.to_json())

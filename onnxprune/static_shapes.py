@@ -164,7 +164,7 @@ def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Ten
     return probe, stubs
 
 
-def _zeros(cache: dict, shape: tuple, dtype) -> "np.ndarray":
+def _zeros(cache: dict, shape: tuple, dtype):
     """One zero array per (shape, dtype): fewer pages touched when ORT reads them."""
     import numpy as np
 
