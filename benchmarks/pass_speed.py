@@ -5,11 +5,16 @@ peer) and Torch-Pruning's dependency graph + prune of the same torch model, all 
     python benchmarks/pass_speed.py                       # torchvision ResNet-50 and BERT-base
     python benchmarks/pass_speed.py --models resnet50 --repeat 5
     python benchmarks/pass_speed.py --cache DIR           # keep/reuse the exports in DIR
+    python benchmarks/pass_speed.py --no-torch            # onnxprune, load+save and onnxsim only
     python benchmarks/pass_speed.py model.onnx ...        # any ONNX files (no torch comparison)
 
-Timings interleave the compared operations and report medians, so machine noise hits all alike;
-quote the ratios, not the seconds. Peak RSS is measured in a fresh process running the CLI
-(`ru_maxrss` at the end minus the same figure after imports) and divided by the weight bytes.
+Timings interleave the compared operations round by round, and each timed job is preceded by one
+plain read of the input file, so every side starts from the same warm page cache. Each row gives
+the median and the minimum seconds of every job, and the ratios onnxprune / (load + save) and
+onnxsim / onnxprune of each round (median and range): machine noise hits the jobs of a round
+alike, so quote the ratios, not the seconds. Outputs are deleted before each job (every side writes
+a fresh file). Peak RSS is measured in a fresh process running the CLI (`ru_maxrss` at the end
+minus the same figure after imports) and divided by the weight bytes.
 The analysis-scaling row times the dependency analysis of a synthetic CNN at two depths (10x).
 Models are random-init exports (legacy TorchScript exporter, opset 17); nothing is downloaded.
 """
@@ -76,15 +81,32 @@ def weight_bytes(path: Path) -> int:
     return sum(len(t.raw_data) for t in load_model(path).graph.initializer)
 
 
-def interleaved(jobs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds of each job, the jobs taking turns so that noise hits all of them."""
+def interleaved(jobs: dict[str, Callable[[], object]], repeat: int, path: Path | None = None,
+                outputs: Path | None = None) -> dict[str, list[float]]:
+    """Seconds of each job per round, the jobs taking turns so that noise hits all of them.
+
+    With `path`, the file is read once before each job: the same warm page cache for every side.
+    With `outputs`, the files in that folder are deleted before each job, so every side writes a
+    fresh file (overwriting one still being flushed to disk waits for the flush, which would
+    penalise whichever job truncates in place rather than renames a temporary file).
+    """
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeat):
         for name, job in jobs.items():
+            if path is not None:
+                path.read_bytes()
+            for old in list(outputs.iterdir()) if outputs is not None else ():
+                old.unlink()
             start = time.perf_counter()
             job()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratio_figures(times: dict[str, list[float]], over: str, under: str) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of times[over] / times[under] within the same round."""
+    ratios = [a / b for a, b in zip(times[over], times[under])]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def onnxsim_job(path: Path, out: Path) -> Callable[[], object] | None:
@@ -132,14 +154,16 @@ def measure(path: Path, torch_name: str | None, repeat: int) -> dict:
         if peer is not None:
             jobs["onnxsim"] = peer
         prune(str(path), ratio=RATIO)  # warm-up: lazy imports
-        seconds = interleaved(jobs, repeat)
+        times = interleaved(jobs, repeat, path, out)
         peak, base = peak_rss(path, out / "child.onnx")
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     weights = weight_bytes(path)
-    row = {"model": path.stem, "weights_MiB": weights / 2**20, **{f"{k}_s": v for k, v in seconds.items()},
-           "ratio_to_load_save": seconds["onnxprune"] / seconds["load_save"],
+    row = {"model": path.stem, "weights_MiB": weights / 2**20,
+           **{f"{k}_s": f"{statistics.median(t):.3f} (min {min(t):.3f})" for k, t in times.items()},
+           "ratio_to_load_save": "{:.2f} ({:.2f}-{:.2f})".format(*ratio_figures(times, "onnxprune", "load_save")),
            "peak_rss_MiB": (peak - base) / 2**20, "peak_rss_over_weights": (peak - base) / weights}
-    row["onnxsim"] = (f"{seconds['onnxsim'] / seconds['onnxprune']:.2f}x our time" if "onnxsim" in seconds
-                      else "onnxsim has no apply_structured_pruning")
+    row["onnxsim"] = ("{:.2f} ({:.2f}-{:.2f}) x our time".format(*ratio_figures(times, "onnxsim", "onnxprune"))
+                      if "onnxsim" in times else "onnxsim has no apply_structured_pruning")
     if torch_name is not None:
         tp_seconds = torch_pruning_seconds(torch_name, max(1, repeat // 2))
         row["torch_pruning"] = (f"{tp_seconds:.2f} s = {tp_seconds / seconds['onnxprune']:.2f}x our time"
@@ -198,16 +222,17 @@ def main() -> None:
     parser.add_argument("files", nargs="*", type=Path, help="ONNX files (default: export --models)")
     parser.add_argument("--models", nargs="+", default=["resnet50", "bert"])
     parser.add_argument("--cache", type=Path, help="directory for the exports (default: temporary)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="skip the Torch-Pruning comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
         todo = [(f, None) for f in args.files] or [(export(name, cache), name) for name in args.models]
-        rows = [measure(path, name, args.repeat) for path, name in todo]
+        rows = [measure(path, None if args.no_torch else name, args.repeat) for path, name in todo]
     cols = ["model", "weights_MiB", "load_save_s", "onnxprune_s", "ratio_to_load_save", "onnxsim_s",
             "peak_rss_MiB", "peak_rss_over_weights", "onnxsim", "torch_pruning"]
-    print(f"ratio {RATIO}, medians of {args.repeat} interleaved runs")
+    print(f"ratio {RATIO}, {args.repeat} interleaved rounds: median (min) seconds; per-round ratios: median (range)")
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols))

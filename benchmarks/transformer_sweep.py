@@ -2,6 +2,7 @@
 
     python benchmarks/transformer_sweep.py            # prints the table, rewrites docs/compatibility.md
     python benchmarks/transformer_sweep.py --no-write
+    python benchmarks/transformer_sweep.py --only llama   # re-runs those rows; the others stay as written
 
 Per model and exporter (tests/transformer_models.py: one dead head or KV group and three dead MLP
 neurons planted per layer, dynamic batch and sequence axes): the head and neuron groups the
@@ -79,6 +80,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged_table(table: str) -> str:
+    """`table`'s rows in place of the rows of the same model and exporter in the doc's table."""
+    old = DOC.read_text().split(BEGIN, 1)[-1].split(END, 1)[0] if DOC.exists() else ""
+    lines = [line for line in old.splitlines() if line.startswith("|")]
+    new = {_row_key(line): line for line in table.splitlines()[2:]}
+    if len(lines) < 2:
+        return table
+    merged = [new.pop(_row_key(line), line) for line in lines]
+    return "\n".join(merged + list(new.values()))
+
+
+def _row_key(line: str) -> tuple[str, ...]:
+    return tuple(cell.strip() for cell in line.strip("|").split("|")[:2])
+
+
 def write_section(table: str) -> None:
     """Replace (or append) only the transformers section of docs/compatibility.md."""
     body = (f"{BEGIN}\n## Transformers (Hugging Face, random init)\n\n"
@@ -100,20 +116,22 @@ def write_section(table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--only", nargs="+", metavar="MODEL",
+                        help="run only these models; the doc keeps the other rows")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))  # the model builders are shared with the zoo tests
     from transformer_models import EXPORTERS, FAMILIES
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family in FAMILIES:
+        for family in args.only or FAMILIES:
             for exporter in EXPORTERS:
                 rows.append(sweep_one(family, exporter, Path(tmp)))
                 print(rows[-1], flush=True)
     table = markdown(rows)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section(merged_table(table) if args.only else table)
         print(f"wrote the transformers section of {DOC}")
 
 

@@ -40,8 +40,13 @@ LOSSLESS_TOL = 1e-5
 def analyze(model: "str | os.PathLike[str] | onnx.ModelProto", exclude: Iterable[str] = (),
             prune_hidden: bool = False) -> Analysis:
     """Dependency analysis: channel groups, which are prunable, and why the others are frozen."""
-    proto = load_model(model)
-    _check_graph(proto, _label(model))
+    sizes: list[int | None] = []
+    proto = load_model(model, sizes)
+    _check_graph(proto, _label(model), sizes)
+    return _analysis(proto, exclude, prune_hidden)
+
+
+def _analysis(proto: onnx.ModelProto, exclude: Iterable[str], prune_hidden: bool) -> Analysis:
     analysis = analyze_graph(folded_graph(proto), opset_version(proto))
     if exclude:
         analysis.exclude(list(exclude))
@@ -171,20 +176,11 @@ def prune(
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
-    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
-        raise InputError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
-    if round_to == "auto" and (target_macs is not None or target_params is not None or plan == "auto"):
-        raise InputError("round_to 'auto' combines with ratio or target_latency, not with MACs/params targets")
-    if scope not in ("local", "global"):
-        raise InputError(f"scope must be 'local' or 'global', got {scope!r}")
-    original = load_model(model)
-    _check_graph(original, _label(model))
+    sizes: list[int | None] = []  # payload sizes seen by the reader: the check need not copy them
+    original = load_model(model, sizes)
+    _check_graph(original, _label(model), sizes)
     meta = ModelMeta.of(original)
-    analysis = analyze_graph(folded_graph(original), opset_version(original))
-    if exclude:
-        analysis.exclude(list(exclude))
-    if not prune_hidden:
-        freeze_hidden(analysis)
+    analysis = _analysis(original, exclude, prune_hidden)
     if lossless:
         analysis.freeze_lossy()
     summary = analysis.summary()
@@ -224,30 +220,41 @@ def prune(
     report.notes.extend(latency_notes)
     if result.inexact_nodes:
         report.notes.append(f"bias compensation is approximate at {len(result.inexact_nodes)} padded consumers")
-    feeds: list[dict[str, np.ndarray]] | None = None
-    if verify or bench:
-        tol_a = atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL)
-        tol_r = rtol if rtol is not None else (LOSSLESS_TOL if lossless else DEFAULT_RTOL)
-        if quantize is not None or eval_data is not None:  # the hand-off below reuses the batches
-            feeds = load_feeds(data, original, seed)
-        if verify:  # streamed unless already read: large data never sits in memory
-            report.verify = compare(original, pruned, feeds if feeds is not None else iter_feeds(data, original, seed),
-                                    tol_a, tol_r)
-        if bench and quantize is None and eval_data is None:
-            report.latency = benchmark(original, pruned, next(iter_feeds(data, original, seed)))
     quantized = None
-    if quantize is not None or eval_data is not None:
-        from onnxprune.quantize import hand_off
-
-        read = feeds if feeds is not None else load_feeds(data, original, seed)
-        quantized, report.models, latency = hand_off(original, pruned, quantize, data, read, eval_data, labels, bench)
-        report.quantize, report.latency = quantize, latency or report.latency
+    if verify or bench or quantize is not None or eval_data is not None:
+        tolerance = (atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL),
+                     rtol if rtol is not None else (LOSSLESS_TOL if lossless else DEFAULT_RTOL))
+        quantized = _measure(report, original, pruned, data=data, seed=seed, verify=verify, bench=bench,
+                             tolerance=tolerance, quantize=quantize, eval_data=eval_data, labels=labels)
     result = PruneResult(pruned, chosen, report, quantized)
     if report.verify is not None and not report.verify.passed:
         raise VerificationError(
             f"pruned model differs from the original: max abs diff {report.verify.max_abs_diff:.3g} "
             f"(atol {report.verify.atol:g}, rtol {report.verify.rtol:g})", result)
     return result
+
+
+def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelProto, *, data, seed: int,
+             verify: bool, bench: bool, tolerance: tuple[float, float], quantize: "str | None", eval_data,
+             labels: str) -> onnx.ModelProto | None:
+    """Fill the report's verification, latency and side-by-side figures; return the quantized model.
+
+    Data is streamed for a plain verification (large data never sits in memory) and read once
+    when the quantization hand-off needs the same batches again."""
+    hand_over = quantize is not None or eval_data is not None
+    feeds = load_feeds(data, original, seed) if hand_over else None
+    if verify:
+        report.verify = compare(original, pruned, feeds if feeds is not None else iter_feeds(data, original, seed),
+                                *tolerance)
+    if not hand_over:
+        if bench:
+            report.latency = benchmark(original, pruned, next(iter_feeds(data, original, seed)))
+        return None
+    from onnxprune.quantize import hand_off
+
+    quantized, report.models, latency = hand_off(original, pruned, quantize, data, feeds, eval_data, labels, bench)
+    report.quantize, report.latency = quantize, latency or report.latency
+    return quantized
 
 
 def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, round_to: "int | str", lossless: bool,
@@ -278,6 +285,12 @@ def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, ro
     if head_ratio is not None and (targets or plan == "auto" or round_to == "auto"):
         what = targets[0] if targets else "plan 'auto'" if plan == "auto" else "round_to 'auto'"
         raise InputError(f"head_ratio applies to ratio plans only, not with {what}")
+    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
+    if round_to == "auto" and (target_macs is not None or target_params is not None or plan == "auto"):
+        raise InputError("round_to 'auto' combines with ratio or target_latency, not with MACs/params targets")
+    if scope not in ("local", "global"):
+        raise InputError(f"scope must be 'local' or 'global', got {scope!r}")
 
 
 def _layers(analysis: Analysis, units: dict[int, np.ndarray]) -> list[dict]:
@@ -405,11 +418,14 @@ def _label(source) -> str:
     return "model" if isinstance(source, onnx.ModelProto) else str(source)
 
 
-def _check_graph(model: onnx.ModelProto, label: str = "model") -> None:
+def _check_graph(model: onnx.ModelProto, label: str = "model", raw_sizes: "list[int | None] | None" = None
+                 ) -> None:
     """Refuse graphs the checker rejects (dangling inputs, cycles, duplicate names), and shapes that
-    do not fit together (a weight that does not match its layer would mislead the analysis)."""
+    do not fit together (a weight that does not match its layer would mislead the analysis).
+    `raw_sizes`: the payload sizes `load_model` saw for `model`."""
     try:
-        check_model(model, full_check=True)  # by path on a weight-free copy: no weight copy, no 2 GB limit
+        # by path on a weight-free copy: no weight copy, no 2 GB limit
+        check_model(model, full_check=True, raw_sizes=raw_sizes)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InputError(f"{label}: invalid model: {first[:300]}") from None

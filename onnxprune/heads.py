@@ -7,8 +7,9 @@ so `prune(..., head_ratio=r)` removes a fraction `r` of every head group while t
 follow `ratio`.
 
 A group is a *hidden group* when the Q/K/V projections of a head group read it: the residual
-stream. Removing hidden units changes every LayerNorm/RMSNorm statistic of the model, so it is
-opt-in (`prune(..., prune_hidden=True)`); by default `freeze_hidden` freezes it with a reason.
+stream, as is a group holding an embedding table's columns (its lookups start the stream).
+Removing hidden units changes every LayerNorm/RMSNorm statistic of the model, so it is opt-in
+(`prune(..., prune_hidden=True)`); by default `freeze_hidden` freezes it with a reason.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ def group_kind(analysis: Analysis, group: ChannelGroup, heads: "set[Slot] | None
 
 
 def hidden_groups(analysis: Analysis, heads: "set[Slot] | None" = None) -> list[ChannelGroup]:
-    """Groups read by the projections (contraction inputs) of the weight layers of head groups."""
+    """Groups read by the projections (contraction inputs) of the weight layers of head groups,
+    and groups holding an embedding table's columns (rules' `hidden` slots)."""
     heads = head_slots(analysis) if heads is None else heads
     head_groups = [g for g in analysis.groups if group_kind(analysis, g, heads) == "heads"]
     layers = {name for g in head_groups for name in g.producers}
     inputs: set[Slot] = set()
     for node in analysis.graph.nodes:
-        rule = rule_for(node, analysis.opset) if node.name in layers else None
-        slot = rule.contraction(analysis.view(node)) if rule is not None else None
+        rule = rule_for(node, analysis.opset)
+        if rule is None:
+            continue
+        inputs.update(rule.hidden(analysis.view(node)))  # embedding columns, with or without heads
+        slot = rule.contraction(analysis.view(node)) if node.name in layers else None
         if slot is not None:
             inputs.add(slot)
     return [g for g in analysis.groups if any(m.slot in inputs for m in g.members)]

@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from onnx import numpy_helper
 
 from onnxprune.errors import InputError
 from onnxprune.streaming import read_model_file, serialized_size, without_fields, write_model_file
+
+if TYPE_CHECKING:
+    from onnxprune.static_shapes import ProbeRuns
 
 ModelSource = "str | os.PathLike[str] | onnx.ModelProto"
 PROTOBUF_LIMIT = 2**31 - 1
@@ -70,10 +74,13 @@ def _copy(msg):
     return out
 
 
-def load_model(source: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.ModelProto:
+def load_model(source: "str | os.PathLike[str] | onnx.ModelProto",
+               raw_sizes: "list[int | None] | None" = None) -> onnx.ModelProto:
     """Read a model from a path (external data included) or pass a ModelProto through.
 
-    Every failure becomes a one-line `InputError` naming the file.
+    Every failure becomes a one-line `InputError` naming the file. `raw_sizes` collects the payload
+    sizes the file reader saw (see `read_model_file`), for `check_model` to use instead of
+    copying every payload again; it stays empty for a ModelProto.
     """
     from onnxprune.validate import check_loaded, check_no_external_refs, check_source_file
 
@@ -84,12 +91,14 @@ def load_model(source: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.Model
     path = Path(source)
     check_source_file(path)
     try:
-        model = read_model_file(path)  # tensor by tensor: never the file bytes and the model at once
+        model = read_model_file(path, raw_sizes)  # tensor by tensor: never the file bytes and the model at once
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     check_loaded(model, str(path))
     from onnxprune.external_data import load_external_tensors
 
+    if raw_sizes is not None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raw_sizes.clear()  # payloads read from data files replace what the reader measured
     try:
         load_external_tensors(model, path.parent)
     except InputError as exc:
@@ -97,17 +106,19 @@ def load_model(source: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.Model
     return model
 
 
-def check_model(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True) -> None:
+def check_model(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True,
+                raw_sizes: "list[int | None] | None" = None) -> None:
     """`onnx.checker.check_model`, run by path on a weight-free copy of the model.
 
     Checking a proto in memory serialises it (a full copy of the weights) and fails above 2 GB;
     the copy written here has its payloads replaced by references to an empty data file.
     Raises what the checker raises; `payloads=False` skips checking raw_data sizes (for models
-    whose tensors were all read from a checked input or built by onnxprune).
+    whose tensors were all read from a checked input or built by onnxprune); `raw_sizes` are the
+    sizes `load_model` collected for this model, used instead of re-reading the payloads.
     """
     from onnxprune.streaming import check_by_path
 
-    check_by_path(model, full_check, payloads)
+    check_by_path(model, full_check, payloads, raw_sizes)
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -118,11 +129,13 @@ def opset_version(model: onnx.ModelProto) -> int:
     raise InputError("model imports no default-domain (ai.onnx) opset")
 
 
-def infer_shapes(model: onnx.ModelProto, resolve: bool = False) -> dict[str, tuple[int, tuple]]:
+def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRuns | None" = None
+                 ) -> dict[str, tuple[int, tuple]]:
     """Shape inference on a weight-free skeleton: {tensor name: (elem_type, dims)}.
 
     Large initializer payloads are left out of the copy so inference costs no extra weight memory.
-    Dims are ints, or strings for symbolic dims, or None when unknown.
+    Dims are ints, or strings for symbolic dims, or None when unknown. With `resolve`, dims are
+    pinned by probe runs (`static_shapes`); `probes` lets a later call reuse the executed ones.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
@@ -135,8 +148,9 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False) -> dict[str, tup
     graph.output.extend(model.graph.output)
     for init in model.graph.initializer:
         graph.initializer.append(_shape_only(init))
+    propagated: onnx.ModelProto | None = None
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = propagated = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton)
@@ -154,7 +168,7 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False) -> dict[str, tup
     if resolve:  # pin dims that run-time shape arithmetic hides from symbolic inference
         from onnxprune.static_shapes import resolve_dims
 
-        shapes = resolve_dims(skeleton, shapes, model)
+        shapes = resolve_dims(skeleton, shapes, model, probes, propagated)
     return shapes
 
 
@@ -181,9 +195,12 @@ _STRIPPABLE = {
 }
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into graphsurgeon with inferred shapes; Constant nodes become initializers."""
-    shapes = infer_shapes(model, resolve=True)
+def to_graph(model: onnx.ModelProto, probes: "ProbeRuns | None" = None) -> gs.Graph:
+    """Import into graphsurgeon with inferred shapes; Constant nodes become initializers.
+
+    `probes` keeps the shape probe's executed runs for the caller's next inference (`folded_graph`).
+    """
+    shapes = infer_shapes(model, resolve=True, probes=probes)
     graph = gs.import_onnx(model)
     _keep_overridable_initializers(graph, model)
     _constant_nodes_to_initializers(graph)

@@ -12,14 +12,22 @@ counts, the others at full size. Planning then reads the table:
 - `LatencyTable.estimate` predicts the model's latency for given per-group counts (each layer
   scaled by its measured curves), which `latency_plan` drives to a target fraction.
 
-Every figure carries the ORT version, execution provider and thread count it was measured with.
+Every figure carries the ORT version, execution provider and thread count it was measured with,
+and the table records ORT's NCHWc channel block on the machine (`layout_block`, read from ORT's
+optimized graph): ORT pads a Conv's output channels to the block, while a Conv fed fewer
+channels than the block (or a count that is not a multiple of 4) stays in plain NCHW, so the
+blocked layout breaks there and reorder nodes appear in the whole model, which a layer timed
+alone does not show. Conv groups are therefore measured (and rounded) on multiples of the block
+and never below it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +49,7 @@ PROVIDER = "CPUExecutionProvider"
 BLOCK = 8
 """Grid step for candidate counts: the narrowest channel block of ORT's CPU kernels."""
 MAX_POINTS = 24
+NCHWC_DOMAIN = "com.microsoft.nchwc"
 PLATEAU_TOLERANCE = 0.05
 """Relative latency difference below which two counts count as one step (measurement noise)."""
 
@@ -79,10 +88,13 @@ class LatencyTable:
     layers: list[LayerLatency] = field(default_factory=list)
     runs: int = 20
     clock: str = "thread CPU time"
+    layout_block: int | None = None
+    """ORT's NCHWc channel block for Conv on the machine; None: no blocked layout (or an old table)."""
 
     @property
     def setting(self) -> str:
-        return f"ORT {self.ort_version}, {self.provider}, {self.threads} thread(s), {self.clock}"
+        block = "" if self.layout_block is None else f", NCHWc block {self.layout_block}"
+        return f"ORT {self.ort_version}, {self.provider}, {self.threads} thread(s), {self.clock}{block}"
 
     def group_curve(self, key: str) -> tuple[list[int], list[float]] | None:
         """Summed latency of every layer axis in group `key`, per candidate count."""
@@ -128,8 +140,10 @@ class LatencyTable:
             layers = [LayerLatency(entry["node"], entry["op"], float(entry["full_ms"]),
                                    {axis: _curve(c) for axis, c in entry["curves"].items()})
                       for entry in data["layers"]]
+            block = data.get("layout_block")
             return cls(str(data["provider"]), int(data["threads"]), str(data["ort_version"]), str(data["machine"]),
-                       float(data["model_ms"]), layers, int(data.get("runs", 20)), str(data.get("clock", "")))
+                       float(data["model_ms"]), layers, int(data.get("runs", 20)), str(data.get("clock", "")),
+                       None if block is None else _positive(block))
         except (KeyError, TypeError, ValueError):
             raise InputError("latency table has a malformed entry") from None
 
@@ -140,6 +154,12 @@ class LatencyTable:
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read latency table ({exc})") from None
         return cls.from_json(data)
+
+
+def _positive(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(value)
+    return value
 
 
 def _curve(data: dict) -> AxisCurve:
@@ -200,15 +220,17 @@ def _weight_axes(node: gs.Node) -> dict[str, int] | None:
     return {"out": 1, "in": 0}
 
 
-def candidate_counts(size: int, max_points: int = MAX_POINTS, unit: int = 1) -> list[int]:
+def candidate_counts(size: int, max_points: int = MAX_POINTS, unit: int = 1, block: int = BLOCK,
+                     least: int = 1) -> list[int]:
     """Block-aligned counts up to `size` (and `size` itself), at most about `max_points`.
 
     `unit` is how many weight rows one channel spans (64 for an attention head): alignment is
-    about rows, so with 8 | unit every count is aligned.
+    about rows, so with 8 | unit every count is aligned. `least` is the smallest count offered
+    when `size` reaches it (a Conv group's layout block: fewer channels break the blocked layout).
     """
-    block = BLOCK // math.gcd(BLOCK, unit)
+    block = block // math.gcd(block, unit)
     if size <= block:
-        return list(range(1, size + 1))
+        return list(range(least if size >= least else 1, size + 1))
     step = block * max(1, math.ceil(size / block / max_points))
     return sorted(set(range(step, size, step)) | {size})
 
@@ -221,20 +243,18 @@ def measure_table(model: onnx.ModelProto, analysis: Analysis, threads: int = 1, 
 
     whole = _fastest_ms(session(model, optimize=True, threads=threads), random_inputs(model), runs, threads)
     machine = f"{platform.machine()} {platform.processor()}".strip()
-    table = LatencyTable(PROVIDER, threads, ort.__version__, machine, whole, runs=runs, clock=clock_for(threads)[0])
+    table = LatencyTable(PROVIDER, threads, ort.__version__, machine, whole, runs=runs, clock=clock_for(threads)[0],
+                         layout_block=layout_block())
     rng = np.random.default_rng(0)
     layers = weight_layers(analysis)
-    units: dict[str, int] = {}  # one grid per group, so that its layers' curves line up
-    for layer in layers:
-        for group, per_unit in layer.axes.values():
-            units[group.key] = math.gcd(units.get(group.key, 0), per_unit)
+    grids = _grids(layers, max_points, table.layout_block)
     for layer in layers:
         full = _time_layer(layer.node, {}, threads, runs, rng)
         if full is None:
             continue
         entry = LayerLatency(layer.node.name, layer.node.op, full)
         for role, (group, per_unit) in layer.axes.items():
-            counts = candidate_counts(group.size, max_points, units[group.key])
+            counts = grids[group.key]
             ms = [full if n == group.size else _time_layer(layer.node, {role: n * per_unit}, threads, runs, rng)
                   for n in counts]
             if all(m is not None for m in ms):
@@ -243,6 +263,58 @@ def measure_table(model: onnx.ModelProto, analysis: Analysis, threads: int = 1, 
         if progress is not None:
             progress(f"{layer.node.op} {layer.node.name}: {full:.3f} ms")
     return table
+
+
+def _grids(layers: list[_Layer], max_points: int, layout: int | None) -> dict[str, list[int]]:
+    """One grid of candidate counts per group, so that its layers' curves line up. Groups with a
+    Conv layer use ORT's layout block (when there is one) as the step and the least count."""
+    units: dict[str, int] = {}
+    convs: set[str] = set()
+    sizes: dict[str, int] = {}
+    for layer in layers:
+        for group, per_unit in layer.axes.values():
+            units[group.key] = math.gcd(units.get(group.key, 0), per_unit)
+            sizes[group.key] = group.size
+            if layer.node.op == "Conv":
+                convs.add(group.key)
+    grids = {}
+    for key, size in sizes.items():
+        if layout is not None and key in convs:
+            grids[key] = candidate_counts(size, max_points, units[key], math.lcm(layout, BLOCK), layout)
+        else:
+            grids[key] = candidate_counts(size, max_points, units[key])
+    return grids
+
+
+def layout_block() -> int | None:
+    """ORT's NCHWc channel block on this machine, read from what ORT does rather than CPU flags:
+    a one-output-channel Conv, optimised with the blocked layout, gets its weight padded to one
+    block. None when ORT leaves the Conv in plain NCHW (no blocked kernels here) or cannot write
+    its optimized graph: the table then falls back to the plain grid of 8, as tables did before."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal([1, 64, 1, 1]).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=[PROVIDER])
+            optimized = onnx.load(opts.optimized_model_filepath)
+        except Exception:  # noqa: BLE001 - no readable optimized graph: no layout block known
+            return None
+    dims = {t.name: list(t.dims) for t in optimized.graph.initializer}
+    for node in optimized.graph.node:
+        if node.op_type == "Conv" and node.domain == NCHWC_DOMAIN and node.input[1] in dims:
+            return int(dims[node.input[1]][0])
+    return None
 
 
 def _time_layer(node: gs.Node, dims: dict[str, int], threads: int, runs: int, rng) -> float | None:
@@ -326,19 +398,30 @@ def _fastest_ms(session, feeds: dict, runs: int, threads: int) -> float:
 
 
 def compare_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, threads: int = 1,
-                    runs: int = 30) -> tuple[float, float]:
-    """Fastest-run latency (ms) of two models, runs interleaved, same settings as the tables."""
+                    runs: int = 30, turn: int = 1) -> tuple[float, float]:
+    """Fastest-run latency (ms) of two models, runs interleaved, same settings as the tables.
+
+    With `turn` 1 the models alternate run by run, so each run starts with the caches holding the
+    other model's weights and activations. With `turn` > 1 each model gets turns of one untimed and
+    `turn` timed runs in a row: the steady state of a model served on its own, which is what the
+    tables measure; the turns still alternate, so drift on a shared machine hits both alike.
+    """
+    if turn < 1:
+        raise ValueError(f"turn must be >= 1, got {turn}")
     sessions = [session(m, optimize=True, threads=threads) for m in (original, pruned)]
     for s in sessions:
         for _ in range(max(2, runs // 5)):
             s.run(None, feeds)
     clock = clock_for(threads)[1]
     best = [float("inf"), float("inf")]
-    for _ in range(runs):
+    for _ in range(math.ceil(runs / turn)):
         for k, s in enumerate(sessions):
-            start = clock()
-            s.run(None, feeds)
-            best[k] = min(best[k], (clock() - start) * 1e3)
+            if turn > 1:
+                s.run(None, feeds)
+            for _ in range(turn):
+                start = clock()
+                s.run(None, feeds)
+                best[k] = min(best[k], (clock() - start) * 1e3)
     return best[0], best[1]
 
 

@@ -32,9 +32,30 @@ def _numel(dims) -> int:
     return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=np.int64))
 
 
+def _constant_node_elements(graph: onnx.GraphProto) -> int:
+    """Elements held by top-level `Constant` nodes.
+
+    They count like initializers: exporters write the same value either way, and onnxprune turns
+    Constant nodes into initializers, so counting only one form would make a rewritten model look
+    bigger than its source (and two exports of one architecture differ).
+    """
+    total = 0
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                total += _numel(attr.t.dims)
+            elif attr.type in (onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS):
+                total += len(attr.floats) + len(attr.ints)
+            elif attr.type in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT):
+                total += 1
+    return total
+
+
 def count(model: onnx.ModelProto) -> ModelStats:
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    params = sum(_numel(d) for d in inits.values())
+    params = sum(_numel(d) for d in inits.values()) + _constant_node_elements(model.graph)
     shapes = infer_shapes(model)
     shape = lambda name: inits.get(name) or (shapes.get(name, (0, None))[1])  # noqa: E731
     macs = sum(_node_macs(node, shape) for node in model.graph.node)

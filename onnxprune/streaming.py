@@ -81,11 +81,14 @@ def _graph_piece(payload_size: int) -> bytes:
     return _GRAPH_TAG + _encode_varint(payload_size)
 
 
-def read_model_file(path: "str | os.PathLike[str]") -> onnx.ModelProto:
+def read_model_file(path: "str | os.PathLike[str]", raw_sizes: "list[int | None] | None" = None
+                    ) -> onnx.ModelProto:
     """Parse an ONNX file into a ModelProto (external data not loaded), tensor by tensor.
 
     Same result as `onnx.load(path, load_external_data=False)`; raises ValueError or a protobuf
-    DecodeError on malformed files.
+    DecodeError on malformed files. With `raw_sizes`, one entry per initializer is appended: the
+    raw_data byte count of the large ones, read from the field headers while their bytes are in
+    hand (None for the others), so the checker's size check need not copy every payload again.
     """
     model = onnx.ModelProto()
     with open(path, "rb") as fh:
@@ -101,9 +104,12 @@ def read_model_file(path: "str | os.PathLike[str]") -> onnx.ModelProto:
                     if run:
                         _merge_run(model, fd, run[0], run[1])
                         run = []
-                    _merge_tensor(model, fh, gstart, gend - gstart)
+                    raw = _merge_tensor(model, fd, gstart, gend - gstart)
                 else:
+                    raw = None
                     run = [run[0] if run else ghead, gend]
+                if raw_sizes is not None and gfield == _GRAPH_INITIALIZER:
+                    raw_sizes.append(raw)
             if run:
                 _merge_run(model, fd, run[0], run[1])
             if start == end:
@@ -118,27 +124,42 @@ def _merge_run(model: onnx.ModelProto, fd: int, start: int, end: int) -> None:
     model.MergeFromString(_graph_piece(len(piece)) + piece)
 
 
-def _merge_tensor(model: onnx.ModelProto, fh: BinaryIO, start: int, size: int) -> None:
-    """Merge one initializer, reading its bytes straight into the buffer handed to the parser."""
-    inner = _INITIALIZER_TAG + _encode_varint(size)
-    head = _graph_piece(len(inner) + size) + inner
-    buf = bytearray(len(head) + size)
-    buf[:len(head)] = head
-    fh.seek(start)
-    if fh.readinto(memoryview(buf)[len(head):]) != size:
+def _merge_tensor(model: onnx.ModelProto, fd: int, start: int, size: int) -> int | None:
+    """Append one initializer, parsed from its bytes as read from the file: one copy of the payload
+    in flight, and no zero-filled buffer to read into (an extra pass over every weight).
+    Returns its raw_data byte count (None without one), taken from the bytes already read."""
+    data = os.pread(fd, size, start)
+    if len(data) != size:
         raise ValueError("file is truncated")
-    model.MergeFromString(bytes(buf) if not _ACCEPTS_BUFFERS else buf)
+    model.graph.initializer.add().ParseFromString(data)
+    return raw_data_length(data)
 
 
-def _accepts_buffers() -> bool:
+def raw_data_length(data: bytes) -> int | None:
+    """Byte count of the raw_data field of a serialized TensorProto, from its field headers alone.
+
+    The last occurrence wins, as when protobuf parses the message; None when there is no raw_data
+    field or a header is not understood (the caller then measures the parsed tensor instead).
+    """
+    pos, found = 0, None
     try:
-        onnx.ModelProto().MergeFromString(bytearray())
-        return True
-    except TypeError:
-        return False
-
-
-_ACCEPTS_BUFFERS = _accepts_buffers()
+        while pos < len(data):
+            tag, pos = _varint(data, pos)
+            wire = tag & 7
+            if wire == _LEN:
+                size, pos = _varint(data, pos)
+                if tag >> 3 == 9:
+                    found = size
+            elif wire == 0:
+                size = _varint(data, pos)[1] - pos
+            elif wire in (1, 5):
+                size = 8 if wire == 1 else 4
+            else:
+                return None
+            pos += size
+    except ValueError:
+        return None
+    return found if pos == len(data) else None
 
 
 def without_fields(message, *names: str):
@@ -247,15 +268,17 @@ def _externalise(tensor: onnx.TensorProto, data: BinaryIO, data_name: str) -> on
     return ref
 
 
-def check_by_path(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True) -> None:
+def check_by_path(model: onnx.ModelProto, full_check: bool = False, payloads: bool = True,
+                  raw_sizes: "list[int | None] | None" = None) -> None:
     """Run `onnx.checker.check_model` on a weight-free copy written to a temporary directory.
 
     Large payloads become references to an empty data file, so the check costs no weight memory
     and works above the 2 GB protobuf limit; it raises what the checker raises. `payloads=False`
-    skips the raw_data size check (it reads every payload) for tensors built by onnxprune itself.
+    skips the raw_data size check (it reads every payload) for tensors built by onnxprune itself;
+    `raw_sizes` (from `read_model_file`) gives the sizes the reader saw, so they are not re-read.
     """
     if payloads:
-        _check_payload_sizes(model)
+        _check_payload_sizes(model, raw_sizes)
     with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as tmp:
         directory = Path(tmp)
         (directory / "weights.stub").touch()
@@ -264,11 +287,19 @@ def check_by_path(model: onnx.ModelProto, full_check: bool = False, payloads: bo
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=full_check)
 
 
-def _check_payload_sizes(model: onnx.ModelProto) -> None:
-    """The one check the stand-ins would hide: raw_data must hold exactly dims x type bytes."""
-    for tensor in model.graph.initializer:
+def _check_payload_sizes(model: onnx.ModelProto, raw_sizes: "list[int | None] | None" = None) -> None:
+    """The one check the stand-ins would hide: raw_data must hold exactly dims x type bytes.
+
+    `len(tensor.raw_data)` copies the payload (upb hands out a new bytes object), so sizes the
+    reader already measured are used where given; a list that does not line up is ignored.
+    """
+    initializers = model.graph.initializer
+    known = raw_sizes if raw_sizes is not None and len(raw_sizes) == len(initializers) else None
+    for index, tensor in enumerate(initializers):
         if tensor.HasField("raw_data") and tensor.data_type in _BITS:
-            actual, expected = len(tensor.raw_data), payload_size(tensor)
+            seen = known[index] if known is not None else None
+            actual = seen if seen is not None else len(tensor.raw_data)
+            expected = payload_size(tensor)
             if actual != expected:
                 raise onnx.checker.ValidationError(
                     f"TensorProto (tensor name: {tensor.name}) raw_data size ({actual} bytes) does not match "

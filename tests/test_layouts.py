@@ -98,13 +98,28 @@ def test_flatten_target_computed_at_run_time(dtype):
     assert [int(v[0]) for v in features] == [S * S * (C // 2)]  # the Concat's constant was rewritten
 
 
-def test_channel_count_reaching_a_reshape_freezes_with_a_reason():
+def _channel_count_into_reshape(b, h, channel_last: bool):
+    """Reshape [N, C, S, S] to a run-time target that reads C: [N, C, -1], or [N, -1, C]."""
+    shape = b.op("Shape", [h])
+    bounds = [(b.const(np.array([a], np.int64)), b.const(np.array([a + 1], np.int64))) for a in (0, 1)]
+    dim = [b.op("Slice", [shape, lo, hi]) for lo, hi in bounds]
+    rest = b.const(np.array([-1], np.int64))
+    target = b.op("Concat", [dim[0], rest, dim[1]] if channel_last else [dim[0], dim[1], rest], axis=0)
+    return b.op("Reshape", [h, target])
+
+
+def test_channel_count_sizing_its_own_axis_in_a_reshape_target_prunes():
     def middle(b, h):
-        n_and_c = b.op("Slice", [b.op("Shape", [h]), b.const(np.array([0], np.int64)), b.const(np.array([2], np.int64))])
-        target = b.op("Concat", [n_and_c, b.const(np.array([-1], np.int64))], axis=0)
-        return dense(b, b.op("Reshape", [h, target]), S * S, 3)
+        pooled = b.op("ReduceMean", [_channel_count_into_reshape(b, h, False)], axes=[2], keepdims=0)
+        return dense(b, pooled, C, 3)
+    prune_and_check(build(middle))
+
+
+def test_channel_count_reaching_a_reshape_freezes_with_a_reason():
+    def middle(b, h):  # the read count sizes an axis that mixes channels with pixels
+        return dense(b, _channel_count_into_reshape(b, h, True), C, 3)
     reasons = [r for g in onnxprune.analyze(build(middle)).summary()["groups_frozen"] for r in g["reasons"]]
-    assert any("channel count is read at run time by Reshape" in r for r in reasons), reasons
+    assert any("Reshape" in r and "regroups the channel axis" in r for r in reasons), reasons
 
 
 def test_dense_as_matmul_plus_add_after_global_pooling_and_squeeze():

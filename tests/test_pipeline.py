@@ -1,6 +1,5 @@
 """End-to-end: prune real tiny models and check them in ONNX Runtime."""
 
-import numpy as np
 import onnx
 import pytest
 

@@ -145,8 +145,7 @@ def export_transformer(family: str, exporter: str, path) -> tuple[onnx.ModelProt
 
 FAMILIES = ("bert", "distilbert", "roberta", "vit", "gpt2", "llama")
 EXPORTERS = ("legacy", "dynamo")
-HEADS_FROZEN = {
-    ("llama", "legacy"): "the TorchScript export of repeat_kv computes the Expand/Reshape targets with run-time "
-                         "arithmetic (expand_as Where/Equal idiom, KV heads x n_rep as a Mul)",
-}
-"""Exports whose attention heads stay frozen (with a reason shown by `analyze`); neurons still prune."""
+HEADS_FROZEN: dict[tuple[str, str], str] = {}
+"""Exports whose attention heads stay frozen (with a reason shown by `analyze`); neurons still prune.
+Empty: the TorchScript export of Llama's repeat_kv (run-time expand_as targets) prunes since the
+shape evaluator follows Where/Equal/Mul chains (ops/shape_values.py)."""

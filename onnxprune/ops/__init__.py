@@ -4,7 +4,7 @@ To support a new op: add a rule class next to its family (or a new family module
 decorate it with `@register("OpType")`, and add a tiny-graph test in tests/test_ops.py.
 """
 
-from onnxprune.ops import attention, conv, elementwise, layout, linear, norm, pool  # noqa: F401  (registration)
+from onnxprune.ops import attention, conv, einsum, elementwise, layout, linear, norm, pool  # noqa: F401  (registration)
 from onnxprune.ops import recurrent  # noqa: F401  (registration)
 from onnxprune.ops import quant  # noqa: F401  (registration)
 from onnxprune.ops.base import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, register

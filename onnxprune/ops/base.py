@@ -56,6 +56,13 @@ def identity(a: Slot, b: Slot, n: int) -> Tie:
     return Tie(a, b, idx, idx)
 
 
+def _dim(d: object) -> "int | np.integer | str | None":
+    """One dim as `NodeView.shape` gives it: a non-negative int, a symbol, or None (unknown)."""
+    if isinstance(d, (int, np.integer)) and d >= 0:
+        return d
+    return d if isinstance(d, str) else None
+
+
 @dataclass
 class NodeView:
     """What a rule may read about its node: names, attributes, static shapes and constants."""
@@ -106,8 +113,9 @@ class NodeView:
         tensor = self.tensors[name]
         if tensor.shape is None:
             return None
-        return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) else None)
-                     for d in tensor.shape)
+        # The rules ask for shapes ~10 times per node: plain non-negative ints (nearly every dim)
+        # take one type test here, the rest the general rule.
+        return tuple(d if type(d) is int and d >= 0 else _dim(d) for d in tensor.shape)
 
     def rank(self, name: str | None) -> int | None:
         shape = self.shape(name)
@@ -164,6 +172,14 @@ class OpRule:
 
         The walk explores them before the weight seeds, so a reshape that splits a projection into
         (heads, head_dim) ties it to the head axis rather than guessing the inner axis.
+        """
+        return []
+
+    def hidden(self, v: NodeView) -> list[Slot]:
+        """Slots that carry a model's hidden size by structure (an embedding table's columns).
+
+        Their groups are the residual stream: `onnxprune.heads.freeze_hidden` freezes them unless
+        the caller opts in to hidden-size pruning, even in models without attention heads.
         """
         return []
 

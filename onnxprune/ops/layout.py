@@ -14,9 +14,10 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.errors import InternalError
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
-from onnxprune.ops.shape_values import Dim, Known, dim_readers, shape_value
+from onnxprune.ops.shape_values import Dim, Known, dim_readers, reads, shape_value
 
 
 def _product(dims) -> tuple[int, tuple] | None:
@@ -105,8 +106,13 @@ class ReshapeLike(OpRule):
         if xs is None or ys is None:
             return Freeze(f"{v.op} shapes unknown")
         if slot[0] == x:
-            return reshape_ties(slot, xs, y, ys, v.known, v.settled)
-        return reshape_ties(slot, ys, x, xs, v.known, v.settled)
+            ties = reshape_ties(slot, xs, y, ys, v.known, v.settled)
+        else:
+            ties = reshape_ties(slot, ys, x, xs, v.known, v.settled)
+        if v.op != "Reshape" or v.is_const(v.inp(1)) or not isinstance(ties, list):
+            return ties
+        extra = _target_entry_ties(v, _computed_target(v), ties)
+        return extra if isinstance(extra, Freeze) else ties + extra
 
     def update(self, v: NodeView, edit) -> None:
         if v.op != "Reshape":
@@ -139,7 +145,8 @@ def _target_dims(v: NodeView, xs: tuple, inferred: tuple | None) -> tuple | None
     for k, e in enumerate(entries):
         if isinstance(e, Dim):
             shape = v.shape(e.tensor)
-            dims.append(shape[e.axis] if shape is not None and e.axis < len(shape) else None)
+            d = shape[e.axis] if shape is not None and e.axis < len(shape) else None
+            dims.append(d * e.factor if isinstance(d, int) else (d if e.factor == 1 else None))
             continue
         e = e.value if isinstance(e, Known) else e
         copies = e == 0 and not v.attr("allowzero", 0)
@@ -176,12 +183,75 @@ def _computed_target(v: NodeView):
     return shape_value(v.tensors[v.inputs[1]], v.opset)
 
 
-def _update_computed_target(v: NodeView, edit) -> None:
-    """Rewrite the constant elements that spell changed output dims, in the constants they come from."""
+def _target_entry_ties(v: NodeView, target: list, ties: list[Tie]) -> "list[Tie] | Freeze":
+    """What a run-time target needs so that it stays right for the output channel axes of `ties`.
+
+    An element read from another tensor's dim (times a constant: KV heads x repeats) is tied to
+    that dim, each of its channels owning `factor` consecutive output elements, so the output
+    always keeps what the target computes. A constant not read verbatim from an initializer
+    (the ones of `expand_as`) cannot be rewritten: only the values that stay valid pass.
+    """
+    y = v.outputs[0]
+    offset = (v.rank(y) or 0) - len(target)
+    if offset < 0 or (v.op == "Reshape" and offset):
+        return Freeze(f"{v.op} target length differs from the output rank")
+    keep = (0, -1) if v.op == "Reshape" else (1,)
+    extra = []
+    for axis in sorted({s[1] for t in ties for s in (t.a, t.b) if s[0] == y}):
+        entry, n = target[axis - offset] if axis >= offset else None, v.dim((y, axis))
+        if isinstance(entry, Dim) and not flows_from(v.node.inputs[0], entry.tensor):
+            return Freeze(f"{v.op} target for channel axis {axis} reads the size of another layer's channels")
+        if isinstance(entry, Dim):
+            size = v.dim((entry.tensor, entry.axis))
+            if size is None or n is None or size * entry.factor != n:
+                return Freeze(f"{v.op} target reads the size of channel axis {axis} from a dim that does not match")
+            extra.append(block_tie((entry.tensor, entry.axis), (y, axis), size, entry.factor))
+        elif axis < offset or (entry.source is None and entry.value not in keep):
+            return Freeze(f"{v.op} target for channel axis {axis} is a computed constant onnxprune cannot rewrite")
+    return extra
+
+
+CHANNEL_MIXERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN", "Shape"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Concat"})
+
+
+def flows_from(tensor: gs.Tensor, source: str) -> bool:
+    """Whether `tensor`'s data is `source`'s channels moved around (no layer mixes channels between).
+
+    Only then may a run-time target that reads `source`'s channel count be tied to `tensor`'s axis:
+    the count and the data are the same channels (K/V heads repeated for grouped-query attention).
+    A target reading the residual stream's width to reshape an attention output (Swin) would
+    otherwise merge two unrelated channel spaces; that case freezes instead.
+    """
+    stack, seen = [tensor], set()
+    while stack:  # each tensor once: linear in the graph (a residual stream passes many Adds)
+        t = stack.pop()
+        if t.name == source:
+            return True
+        if t.name in seen or not t.inputs:
+            continue
+        seen.add(t.name)
+        node = t.inputs[0]
+        if node.op not in CHANNEL_MIXERS:
+            stack += node.inputs if node.op in ELEMENTWISE else node.inputs[:1]
+    return False
+
+
+def block_tie(a: Slot, b: Slot, n: int, factor: int) -> Tie:
+    """Element i of `a` owns elements i*factor .. i*factor + factor - 1 of `b` (a repeat)."""
+    idx = np.arange(n, dtype=np.int64)
+    return Tie(a, b, np.repeat(idx, factor), np.arange(n * factor, dtype=np.int64))
+
+
+def _update_computed_target(v: NodeView, edit, fixed: tuple[int, ...] = (0, -1)) -> None:
+    """Rewrite the constant elements that spell changed output dims, in the constants they come from.
+    Elements equal to a value in `fixed` (copy, infer; broadcast for Expand) stay."""
     changes: dict[tuple[str, int], dict[int, int]] = {}
     for axis, entry in enumerate(_computed_target(v) or []):
         new = edit.new_dim((v.outputs[0], axis))
-        if new is not None and isinstance(entry, Known) and entry.value not in (0, -1, new):
+        if new is not None and isinstance(entry, Known) and entry.value not in (*fixed, new):
+            if entry.source is None:
+                raise InternalError(f"{v.op} '{v.name}': target element {axis} is computed and cannot be rewritten")
             node_name, index, flat = entry.source
             changes.setdefault((node_name, index), {})[flat] = new
     nodes = {n.name: n for n in edit.graph.nodes} if changes else {}
@@ -402,14 +472,14 @@ class Resize(OpRule):
         if (mode.decode() if isinstance(mode, bytes) else mode) == "tf_crop_and_resize":
             return Freeze("tf_crop_and_resize fills channels with an extrapolation value")
         sizes = v.inp(3) if v.op == "Resize" else None
-        if sizes is not None and v.const(sizes) is None:
+        if sizes is not None and v.const(sizes) is None and not _sizes_follow_input(v, slot[1]):
             return Freeze("Resize sizes are computed at run time")
         return [identity((x, slot[1]), (y, slot[1]), n)]
 
     def update(self, v: NodeView, edit) -> None:
         sizes = v.inp(3) if v.op == "Resize" else None
-        if sizes is None:
-            return
+        if sizes is None or v.const(sizes) is None:
+            return  # run-time sizes: the channel entry reads the pruned input's own dim
         values = v.const(sizes).copy()
         axes = v.attr("axes", list(range(len(values))))
         for k, axis in enumerate(axes):
@@ -419,13 +489,58 @@ class Resize(OpRule):
         edit.set_input_const(v.node, 3, values)
 
 
-def _flattens_keeping_last_axis(reader: gs.Node, x: gs.Tensor, axis: int, opset: int) -> bool:
-    """`x.view(-1, x.size(-1))` (GPT-2's Conv1D): the last axis is read only to stay the last axis,
-    so the target follows the channel count of x whatever it becomes."""
-    if reader.op != "Reshape" or reader.inputs[0] is not x or x.shape is None or axis != len(x.shape) - 1:
-        return False
+def _last_axis_follower(reader: gs.Node, x: gs.Tensor, axis: int, opset: int) -> Slot | None:
+    """The slot that must lose the same channels as axis `axis` of x because `reader` is a Reshape
+    whose target ends with that dim (read only there), or None when `reader` is not one.
+
+    `x.view(-1, x.size(-1))` (GPT-2's Conv1D) reads x's own last axis only to keep it last: x's slot.
+    GPT-2's final `h.view(shape_of_embeddings)` reads the hidden size from another tensor: the
+    data's last axis then gets the tie, so both always keep the same count and the run-time target
+    stays right whatever the count becomes."""
+    data = reader.inputs[0] if reader.op == "Reshape" else None
+    if data is None or x.shape is None or data.shape is None or not data.shape:
+        return None
     target = shape_value(reader.inputs[1], opset)
-    return bool(target) and target[-1] == Dim(x.name, axis) and Dim(x.name, axis) not in target[:-1]
+    wanted = Dim(x.name, axis)
+    if not target or target[-1] != wanted or any(reads(e, x.name, axis) for e in target[:-1]):
+        return None
+    if data is x:
+        return (x.name, axis) if axis == len(x.shape) - 1 else None
+    n = x.shape[axis]
+    return (data.name, len(data.shape) - 1) if isinstance(n, (int, np.integer)) and data.shape[-1] == n else None
+
+
+def _sizes_follow_input(v: NodeView, axis: int) -> bool:
+    """Run-time Resize sizes whose entry for `axis` is that dim of the Resize's own input, read by
+    `Shape` (the TorchScript exporter's `interpolate(x, size=...)`: Concat(Shape(x)[:2], hw)): it
+    follows the kept count by itself. Any other entry (a constant, another tensor's dim) does not."""
+    if v.attr("axes") is not None:
+        return False
+    entries = shape_value(v.tensors[v.inputs[3]], v.opset)
+    entry = entries[axis] if entries is not None and axis < len(entries) else None
+    return isinstance(entry, Dim) and entry == Dim(v.inputs[0], axis, 1)
+
+
+def _sized_by(reader: gs.Node, slot: Slot, n: int | None, opset: int) -> list[Tie] | None:
+    """Ties from a channel axis to the output axes of a Reshape/Expand whose run-time target reads
+    its size (times a constant, as KV heads x repeats in `repeat_kv`), or of a Resize whose run-time
+    sizes do: the target then follows the kept count by itself, and the tie makes the output lose
+    the matching elements. None when `reader` uses the dim any other way."""
+    index = 3 if reader.op == "Resize" else 1
+    if reader.op not in ("Reshape", "Expand", "Resize") or n is None or len(reader.inputs) <= index \
+            or reader.outputs[0].shape is None or (reader.op == "Resize" and "axes" in reader.attrs):
+        return None
+    y, target = reader.outputs[0], shape_value(reader.inputs[index], opset)
+    offset = len(y.shape) - len(target or [])
+    if not target or offset < 0 or (reader.op != "Expand" and offset):
+        return None
+    ties = []
+    for j, entry in enumerate(target):
+        if reads(entry, *slot):
+            if y.shape[offset + j] != n * entry.factor or not flows_from(reader.inputs[0], slot[0]):
+                return None
+            ties.append(block_tie(slot, (y.name, offset + j), n, entry.factor))
+    return ties or None
 
 
 @register("Shape")
@@ -442,32 +557,68 @@ class Shape(OpRule):
         readers = dim_readers(v.node, slot[1], v.opset)
         if readers is None:
             return Freeze("shape of a channel tensor feeds a computation onnxprune cannot follow")
-        readers = [r for r in readers if not _flattens_keeping_last_axis(r, v.node.inputs[0], slot[1], v.opset)]
+        followers = {r.name: _last_axis_follower(r, v.node.inputs[0], slot[1], v.opset) for r in readers}
+        readers = [r for r in readers if followers[r.name] is None]
         if readers and only_chunk_bounds(v.node, v.tensors, v.opset):
             readers = []  # torch's chunk: the bounds follow the channel count (see ops/chunks.py)
-        if readers:
-            return Freeze(f"channel count is read at run time by {readers[0].op} '{readers[0].name}'")
+        sized = [_sized_by(r, slot, v.dim(slot), v.opset) for r in readers]
+        unread = [r for r, ties in zip(readers, sized) if ties is None]
+        if unread:
+            return Freeze(f"channel count is read at run time by {unread[0].op} '{unread[0].name}'")
+        follow = [identity(slot, s, v.dim(slot)) for s in dict.fromkeys(followers.values()) if s not in (None, slot)]
+        return follow + [t for ties in sized for t in ties]
+
+
+def repeat_anchors(v: NodeView) -> list[Slot]:
+    """In a repeat (an axis of size 1 broadcast or tiled right after a full axis, as K/V heads are
+    repeated for grouped-query attention) the full axis carries the channels, not the copies."""
+    x, y = v.inputs[0], v.outputs[0]
+    rx, ry = v.rank(x), v.rank(y)
+    if rx is None or ry is None or rx != ry or ry < 5:  # [B, kv_heads, 1, S, D]: masks are rank 4
         return []
+    return [(y, a) for a in range(1, ry - 1)
+            if (v.dim((x, a)) or 1) > 1 and v.dim((x, a)) == v.dim((y, a))
+            and v.dim((x, a + 1)) == 1 and (v.dim((y, a + 1)) or 1) > 1]
+
+
+@register("Tile")
+class Tile(OpRule):
+    """Copies of the input along each axis (a Tile-based repeat of K/V heads). On an axis of size n
+    repeated r times, output element k + j·n is input element k: channel k owns all its copies, and
+    the output keeps r x the kept count with the repeats unchanged. Repeats must be constants (or
+    traced to constants) on the channel axis; one computed from a dim at run time freezes it."""
+
+    value_preserving = True
+
+    def anchors(self, v: NodeView) -> list[Slot]:
+        return repeat_anchors(v)
+
+    def ties(self, v: NodeView, slot: Slot):
+        x, y = v.inputs[0], v.outputs[0]
+        if slot[0] not in (x, y):
+            return Freeze("Tile repeats are not a channel tensor")
+        const = v.const(v.inp(1))
+        repeats = ([Known(int(r)) for r in const.reshape(-1)] if const is not None
+                   else shape_value(v.tensors[v.inputs[1]], v.opset))
+        entry = repeats[slot[1]] if repeats is not None and slot[1] < len(repeats) else None
+        if not isinstance(entry, Known) or entry.value < 1:
+            return Freeze("Tile repeats of the channel axis are computed at run time")
+        n = v.dim((x, slot[1]))
+        if n is None or v.dim((y, slot[1])) != n * entry.value:
+            return Freeze("unknown channel count at Tile")
+        return [Tie((x, slot[1]), (y, slot[1]), np.tile(np.arange(n), entry.value), np.arange(n * entry.value))]
 
 
 @register("Expand")
 class Expand(OpRule):
     """Broadcast to a target shape (GQA's repeat of K/V heads). An axis the input carries in full
-    passes through; its target entry must be 1, a constant (rewritten with the kept count) or the
-    input's own dim read at run time."""
+    passes through; its target entry must be 1, a constant (rewritten with the kept count) or a
+    dim read at run time (tied to the axis it sizes)."""
 
     value_preserving = True
 
     def anchors(self, v: NodeView) -> list[Slot]:
-        """In a repeat (an axis of size 1 broadcast right after a full axis, as K/V heads are repeated
-        for grouped-query attention) the full axis carries the channels, not the copies."""
-        x, y = v.inputs[0], v.outputs[0]
-        rx, ry = v.rank(x), v.rank(y)
-        if rx is None or ry is None or rx != ry or ry < 5:  # [B, kv_heads, 1, S, D]: masks are rank 4
-            return []
-        return [(y, a) for a in range(1, ry - 1)
-                if (v.dim((x, a)) or 1) > 1 and v.dim((x, a)) == v.dim((y, a))
-                and v.dim((x, a + 1)) == 1 and (v.dim((y, a + 1)) or 1) > 1]
+        return repeat_anchors(v)
 
     def ties(self, v: NodeView, slot: Slot):
         x, y = v.inputs[0], v.outputs[0]
@@ -482,13 +633,17 @@ class Expand(OpRule):
         target = ([Known(int(t)) for t in v.const(v.inputs[1]).reshape(-1)] if v.is_const(v.inputs[1])
                   else _computed_target(v))
         entry = target[out_axis] if target is not None and len(target) == ry else None
-        if not (isinstance(entry, Known) and entry.value in (1, n)) and entry != Dim(x, in_axis):
+        if entry is None or (isinstance(entry, Known) and entry.value not in (1, n)):
             return Freeze("Expand target for the channel axis is computed at run time")
-        return [identity((x, in_axis), (y, out_axis), n)]
+        main = identity((x, in_axis), (y, out_axis), n)
+        if v.is_const(v.inputs[1]) or entry == Dim(x, in_axis):
+            return [main]
+        extra = _target_entry_ties(v, target, [main])  # a dim read from another tensor (expand_as)
+        return extra if isinstance(extra, Freeze) else [main] + extra
 
     def update(self, v: NodeView, edit) -> None:
         if not v.is_const(v.inputs[1]):
-            return _update_computed_target(v, edit)
+            return _update_computed_target(v, edit, fixed=(0, -1, 1))
         target = v.const(v.inputs[1]).copy()
         for axis in range(len(target)):
             new = edit.new_dim((v.outputs[0], axis))
@@ -499,32 +654,59 @@ class Expand(OpRule):
 
 @register("Gather")
 class Gather(OpRule):
-    """Gather with constant indices. Axes other than the gathered one pass through (ViT's class
-    token `x[:, 0]`); on the gathered axis each output element is the input element its index
-    names (the dynamo exporter's `as_strided` on a flattened tensor), and the indices are rewritten
-    to the kept positions. A scalar index on the channel axis picks one channel: frozen."""
+    """Axes other than the gathered one pass through, whatever the indices (ViT's class token
+    `x[:, 0]`, an embedding lookup's hidden axis). On the gathered axis, constant indices map each
+    output element to the input element they name (the dynamo exporter's `as_strided` on a
+    flattened tensor) and are rewritten to the kept positions; indices computed at run time, or a
+    scalar index picking one channel, freeze it.
+
+    An embedding lookup (a 2-D constant table, axis 0, run-time ids) defines channels like a weight:
+    the table's columns are the model's hidden size, so they seed a group that is the residual
+    stream (`hidden`), pruned only on request."""
 
     value_preserving = True
 
     def _layout(self, v: NodeView):
         x, idx, y = v.inputs[0], v.const(v.inp(1)), v.outputs[0]
         rank = v.rank(x)
-        if idx is None or rank is None:
-            return Freeze("Gather indices are computed at run time, or the rank is unknown")
-        return x, idx, y, v.attr("axis", 0) % rank
+        idx_rank = idx.ndim if idx is not None else v.rank(v.inp(1))
+        if rank is None or idx_rank is None:
+            return Freeze("Gather rank of the data or the indices is unknown")
+        return x, idx, idx_rank, y, v.attr("axis", 0) % rank
+
+    def _table(self, v: NodeView) -> str | None:
+        """The embedding table this node looks up, or None when it is not an embedding lookup
+        (read from the tensor's shape and dtype: a large table is not loaded for this)."""
+        table = v.tensors.get(v.inputs[0]) if v.is_const(v.inputs[0]) else None
+        if table is None or table.shape is None or len(table.shape) != 2 or v.attr("axis", 0) % 2 != 0:
+            return None
+        return v.inputs[0] if v.inp(1) is not None and not v.is_const(v.inp(1)) else None
+
+    def seeds(self, v: NodeView) -> list[Slot]:
+        return self.hidden(v)
+
+    def hidden(self, v: NodeView) -> list[Slot]:
+        table = self._table(v)
+        return [(table, 1)] if table is not None and v.dim((table, 1)) else []
+
+    def roles(self, v: NodeView) -> dict[str, str]:
+        table = self._table(v)
+        return {table: "weight"} if table is not None else {}
 
     def ties(self, v: NodeView, slot: Slot):
         layout = self._layout(v)
         if isinstance(layout, Freeze):
             return layout
-        x, idx, y, axis = layout
+        x, idx, idx_rank, y, axis = layout
         if slot[0] not in (x, y):
             return Freeze("Gather indices are not a channel tensor")
-        in_axis = slot[1] if slot[0] == x else _gather_in_axis(slot[1], axis, idx.ndim)
-        out_axis = slot[1] if slot[0] == y else (slot[1] if slot[1] < axis else slot[1] + idx.ndim - 1)
+        in_axis = slot[1] if slot[0] == x else _gather_in_axis(slot[1], axis, idx_rank)
+        out_axis = slot[1] if slot[0] == y else (slot[1] if slot[1] < axis else slot[1] + idx_rank - 1)
         if in_axis is not None and in_axis != axis:
             n = v.dim((x, in_axis))
             return [identity((x, in_axis), (y, out_axis), n)] if n else Freeze("unknown channel count at Gather")
+        if idx is None:
+            return Freeze("Gather indices computed at run time pick elements of the channel axis")
         wide = [k for k, d in enumerate(idx.shape) if d != 1]
         n = v.dim((x, axis))
         if n is None or len(wide) != 1 or (slot[0] == y and slot[1] != axis + wide[0]):
@@ -534,7 +716,9 @@ class Gather(OpRule):
 
     def update(self, v: NodeView, edit) -> None:
         layout = self._layout(v)
-        x, idx, y, axis = layout
+        if isinstance(layout, Freeze) or layout[1] is None:
+            return  # only constant indices on the gathered axis are rewritten
+        x, idx, _, y, axis = layout
         kept_in = edit.kept((x, axis))
         wide = [k for k, d in enumerate(idx.shape) if d != 1]
         if kept_in is None or len(wide) != 1:

@@ -8,6 +8,7 @@ between two run-time tensors contracts activations with each other and is not a 
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.ops.attention import (activation_matmul_anchors, activation_matmul_propagate, activation_matmul_ties,
                                      is_activation_matmul)
@@ -74,9 +75,39 @@ class Gemm(OpRule):
             edit.add_to_bias(v, 2, delta / beta, like=(v.outputs[0], 1))
 
 
+def _transposed_table(v: NodeView) -> gs.Constant | None:
+    """The 2-D initializer W when input 1 is `Transpose(W)`: an LM head reading the embedding
+    table it is tied to (the constant folding leaves it, rather than store a large table twice)."""
+    producers = v.node.inputs[1].inputs if len(v.node.inputs) > 1 else []
+    if len(producers) != 1 or producers[0].op != "Transpose" or not isinstance(producers[0].inputs[0], gs.Constant):
+        return None
+    table = producers[0].inputs[0]
+    ok = table.shape is not None and len(table.shape) == 2 and list(producers[0].attrs.get("perm", [1, 0])) == [1, 0]
+    return table if ok else None
+
+
+def has_matmul_weight(v: NodeView) -> bool:
+    """Whether input 1 is a constant matrix, as an initializer or as the Transpose of one."""
+    return v.is_const(v.inp(1)) or _transposed_table(v) is not None
+
+
+def matmul_weight(v: NodeView) -> np.ndarray | None:
+    """The constant [K, N] matrix a MatMul multiplies by (loaded: call only where values are needed)."""
+    w = v.const(v.inp(1))
+    if w is not None:
+        return w
+    table = _transposed_table(v)
+    return None if table is None else np.asarray(table.values).T
+
+
+def _activations(v: NodeView) -> bool:
+    return is_activation_matmul(v) and _transposed_table(v) is None
+
+
 @register("MatMul")
 class MatMul(OpRule):
-    """x @ W with W a constant matrix: x's last axis meets W's rows, W's columns make the output.
+    """x @ W with W a constant matrix (or the Transpose of one): x's last axis meets W's rows, W's
+    columns make the output.
 
     Leading axes of x pass through to the output unchanged.
     """
@@ -86,12 +117,12 @@ class MatMul(OpRule):
         return [(w, 1)] if v.is_const(w) and v.rank(w) == 2 else []
 
     def anchors(self, v: NodeView) -> list[Slot]:
-        return activation_matmul_anchors(v) if is_activation_matmul(v) else []
+        return activation_matmul_anchors(v) if _activations(v) else []
 
     def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
         rank = v.rank(v.outputs[0])
         contracted = {(v.inputs[0], (rank or 0) - 1), (v.inputs[1], (rank or 0) - 2)}
-        if is_activation_matmul(v) and slot in contracted:
+        if _activations(v) and slot in contracted:
             return "MatMul of two activations contracts the channel axis: every dot product changes"
         return None
 
@@ -100,9 +131,9 @@ class MatMul(OpRule):
 
     def ties(self, v: NodeView, slot: Slot):
         x, w, y = v.inputs[0], v.inputs[1], v.outputs[0]
-        if is_activation_matmul(v):
+        if _activations(v):
             return activation_matmul_ties(v, slot)
-        if not v.is_const(w) or v.rank(w) != 2 or v.is_const(x):
+        if not has_matmul_weight(v) or v.rank(w) != 2 or v.is_const(x):
             return Freeze("MatMul without a constant 2-D weight")
         rank = v.rank(y)
         if rank is None or v.rank(x) != rank:
@@ -118,9 +149,9 @@ class MatMul(OpRule):
         return [identity(slot, (other, slot[1]), n)]
 
     def propagate(self, v: NodeView, values: ValueTable) -> None:
-        if is_activation_matmul(v):
+        if _activations(v):
             return activation_matmul_propagate(v, values)
-        w = v.const(v.inputs[1])
+        w = matmul_weight(v)
         rank = v.rank(v.outputs[0])
         if w is None or w.ndim != 2 or rank is None:
             return
@@ -129,10 +160,11 @@ class MatMul(OpRule):
 
     def contraction(self, v: NodeView) -> Slot | None:
         rank = v.rank(v.outputs[0])
-        ok = v.is_const(v.inp(1)) and v.rank(v.inputs[1]) == 2 and not v.is_const(v.inputs[0])
+        ok = has_matmul_weight(v) and v.rank(v.inputs[1]) == 2 and not v.is_const(v.inputs[0])
         return (v.inputs[0], rank - 1) if ok and rank else None
 
     def compensate(self, v: NodeView, slot: Slot, removed: np.ndarray, vals: np.ndarray, edit) -> None:
-        delta = vals @ v.const(v.inputs[1]).astype(np.float64)[removed]
+        w = matmul_weight(v)
+        delta = vals @ w.astype(np.float64)[removed]
         if np.any(delta != 0):
-            edit.add_bias_after(v, delta, like=(v.outputs[0], v.rank(v.outputs[0]) - 1))
+            edit.add_bias_after(v, delta, like=(v.outputs[0], v.rank(v.outputs[0]) - 1), dtype=w.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, ValueTable, identity, register
+from onnxprune.ops.norm import norm_statistic
 
 
 def _channel_only(v: NodeView, slot: Slot, axis: int = 1):
@@ -36,7 +37,12 @@ class Pool(OpRule):
     value_preserving = False
 
     def ties(self, v: NodeView, slot: Slot):
+        if slot[1] != 1 and norm_statistic(v, slot):
+            return []  # a rank-3 GlobalAveragePool as a LayerNorm mean (tf2onnx): see lossy_reason
         return _channel_only(v, slot)
+
+    def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
+        return norm_statistic(v, slot) if slot[1] != 1 else None
 
     def propagate(self, v: NodeView, values: ValueTable) -> None:
         x = values.get((v.inputs[0], 1))
@@ -80,12 +86,17 @@ class Reduce(OpRule):
             kept = [a for a in range(rank) if a not in axes] if not v.attr("keepdims", 1) else list(range(rank))
             in_axis = kept[slot[1]]
         out_axis = self._out_axis(v, in_axis, axes)
+        if out_axis is None and norm_statistic(v, slot):
+            return []  # the channels end in a broadcast statistic: valid, lossy (see lossy_reason)
         if out_axis is None:
             return Freeze(f"{v.op} reduces over the channel axis")
         n = v.dim((v.inputs[0], in_axis))
         if n is None or v.dim((v.outputs[0], out_axis)) != n:
             return Freeze("reduction changes the channel count")
         return [identity((v.inputs[0], in_axis), (v.outputs[0], out_axis), n)]
+
+    def lossy_reason(self, v: NodeView, slot: Slot) -> str | None:
+        return norm_statistic(v, slot)
 
     def propagate(self, v: NodeView, values: ValueTable) -> None:
         axes = self._axes(v)

@@ -51,7 +51,7 @@ def split_shared_constants(graph: gs.Graph) -> None:
             k = uses.get(tensor.name, 0)
             uses[tensor.name] = k + 1
             if k:
-                node.inputs[i] = gs.Constant(f"{tensor.name}{COPY_MARK}{k}", np.array(tensor.values, copy=True))
+                set_input(node, i, gs.Constant(f"{tensor.name}{COPY_MARK}{k}", np.array(tensor.values, copy=True)))
 
 
 def split_shared_shape_targets(graph: gs.Graph) -> None:
@@ -76,16 +76,23 @@ def split_shared_shape_targets(graph: gs.Graph) -> None:
 
 
 def rejoin_copies(graph: gs.Graph) -> None:
-    """Point readers of a copy made by `split_shared_constants` back at the original where the two
-    are still equal (neither was sliced, or both were sliced alike)."""
+    """Point readers of a copy made by `split_shared_constants` back at the original, or at an
+    earlier copy of the same original, where the two are still equal (neither was sliced, or both
+    were sliced alike): layers that shared a zero bias and lost the same number of channels share
+    one again, as the exporter had them, instead of each carrying its own."""
     constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    kept: dict[str, list[gs.Constant]] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant) or COPY_MARK not in tensor.name:
                 continue
-            original = constants.get(tensor.name.rsplit(COPY_MARK, 1)[0])
-            if original is not None and _equal(original, tensor):
-                node.inputs[i] = original
+            base = tensor.name.rsplit(COPY_MARK, 1)[0]
+            alike = kept.setdefault(base, [constants[base]] if base in constants else [])
+            match = next((c for c in alike if c is not tensor and _equal(c, tensor)), None)
+            if match is None:
+                alike.append(tensor)
+            else:
+                node.inputs[i] = match
 
 
 def fold_transpose_round_trips(graph: gs.Graph, opset: int) -> None:
@@ -140,7 +147,23 @@ def _replace(old: gs.Tensor, new: gs.Tensor) -> None:
     for consumer in list(old.outputs):
         for i, inp in enumerate(consumer.inputs):
             if inp is old:
-                consumer.inputs[i] = new
+                set_input(consumer, i, new)
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """`node.inputs[index] = tensor`, without graphsurgeon's equality scan.
+
+    graphsurgeon's synchronized list drops `node` from the old tensor's readers with `list.remove`,
+    which calls `Node.__eq__` (names, attributes, inputs and outputs compared) on every reader
+    before it: quadratic in the readers of a constant that every layer shares. This drops the
+    first occurrence by identity instead, the one `list.remove` finds as node names are unique
+    (`ir._name_nodes`), so reader lists keep the same order.
+    """
+    readers = node.inputs[index].outputs
+    at = next(k for k, reader in enumerate(readers) if reader is node)
+    list.__delitem__(readers, at)
+    list.__setitem__(node.inputs, index, tensor)
+    list.append(tensor.outputs, node)
 
 
 def _size(tensor: gs.Constant) -> int:

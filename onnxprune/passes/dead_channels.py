@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.ops import Slot, ValueTable
 from onnxprune.passes.dependency import Analysis, rule_for
@@ -42,6 +43,7 @@ def constant_values(analysis: Analysis) -> dict[Slot, np.ndarray]:
 
 
 def _copy_along_ties(node, ties, table: ValueTable) -> None:
+    constants = {t.name: t for t in node.inputs if isinstance(t, gs.Constant)}
     inputs = {t.name for t in node.inputs}
     outputs = {t.name for t in node.outputs}
     for tie in ties:
@@ -51,7 +53,7 @@ def _copy_along_ties(node, ties, table: ValueTable) -> None:
             src, dst, si, di = tie.b, tie.a, tie.b_idx, tie.a_idx
         else:
             continue
-        vals = table.get(src)
+        vals = _uniform_slices(constants[src[0]], src[1]) if src[0] in constants else table.get(src)
         out = table.get(dst)
         if vals is not None and out is not None:
             out[di] = vals[si]
@@ -61,6 +63,18 @@ def _copy_along_ties(node, ties, table: ValueTable) -> None:
                     np.minimum.at(lo, di, vals[si])
                     np.maximum.at(hi, di, vals[si])
                 out[np.unique(di[lo[di] != hi[di]])] = np.nan
+
+
+def _uniform_slices(const: gs.Constant, axis: int) -> np.ndarray:
+    """Per element of `axis`, the value its whole slice of a constant holds (NaN where it varies):
+    an embedding table's all-zero column is a channel that is zero for every token."""
+    array = np.asarray(const.values)
+    if array.size == 0:
+        return np.full(array.shape[axis], np.nan)
+    others = tuple(a for a in range(array.ndim) if a != axis)
+    first = array[tuple(slice(None) if a == axis else slice(0, 1) for a in range(array.ndim))]
+    same = np.all(array == first, axis=others)  # compared in place: no float64 copy of a large table
+    return np.where(same, first.reshape(-1).astype(np.float64), np.nan)
 
 
 def find_dead_channels(analysis: Analysis) -> DeadChannels:

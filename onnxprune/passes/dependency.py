@@ -208,7 +208,8 @@ class _Walk:
             self.frozen[slot].append(f"{where}: {result.reason}")
             return []
         self.node_ties[node.name].extend(result)
-        reason = rule.lossy_reason(NodeView(node, self.tensors, self.opset), slot) if result else None
+        # Asked even when no tie comes back: channels may end at a normalisation statistic.
+        reason = rule.lossy_reason(NodeView(node, self.tensors, self.opset), slot)
         if reason:
             self.lossy[slot].append(f"{where}: {reason}")
         return list(result)
@@ -273,6 +274,12 @@ def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return label
     while True:
         lu, lv = label[u], label[v]
+        # An edge whose ends share a root stays so (roots only merge): later rounds skip it, and a
+        # round with no edge left changes nothing, which is when the loop ended before.
+        active = lu != lv
+        if not active.any():
+            return label
+        u, v, lu, lv = u[active], v[active], lu[active], lv[active]
         low = np.minimum(lu, lv)
         new = label.copy()
         np.minimum.at(new, lu, low)
@@ -301,17 +308,13 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
     pairs = _unique(labels * n_slots + slot_id)
     comp, comp_slot = pairs // n_slots, pairs % n_slots
     starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]]) if len(comp) else comp  # no slots at all
-    by_signature: dict[tuple, list[int]] = defaultdict(list)
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(comp)
-        by_signature[tuple(comp_slot[start:end])].append(int(comp[start]))
+    gid_of, first_slot = _signature_groups(comp_slot, starts, n_slots)
+    counts = np.bincount(gid_of, minlength=len(first_slot))
     group_of = np.full(len(labels), -1, dtype=np.int64)
     unit_of = np.full(len(labels), -1, dtype=np.int64)
-    signatures = sorted(by_signature, key=lambda sig: min(by_signature[sig]))
-    for gid, sig in enumerate(signatures):
-        comps = np.array(sorted(by_signature[sig]), dtype=np.int64)
-        group_of[comps] = gid
-        unit_of[comps] = np.arange(len(comps))
+    by_group = np.argsort(gid_of, kind="stable")  # components of each group, smallest label first
+    group_of[comp[starts]] = gid_of
+    unit_of[comp[starts][by_group]] = np.arange(len(by_group)) - np.repeat(np.cumsum(counts) - counts, counts)
     members: dict[int, list[Member]] = defaultdict(list)
     for slot in slots:
         if sizes[slot] == 0:  # an axis of unknown size that nothing tied: no elements, no member
@@ -326,13 +329,50 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
             role = walk.roles.get(slot[0], "activation" if not isinstance(walk.tensors.get(slot[0]), gs.Constant) else "param")
             members[int(gids[sel[0]])].append(Member(slot, sel.astype(np.int64), units[sel], role))
     groups = []
-    for gid, sig in enumerate(signatures):
+    for gid, count in enumerate(counts.tolist()):
         group_members = members[gid]
-        anchor = slots[sig[0]]
+        anchor = slots[first_slot[gid]]
         first = int(min(m.elem.min() for m in group_members if m.slot == anchor))
         key = f"{anchor[0]}:{anchor[1]}" + (f"@{first}" if first else "")
         frozen = sorted({r for m in group_members for r in walk.frozen.get(m.slot, [])})
         producers = sorted({walk.seeded_by[m.slot] for m in group_members if m.slot in walk.seeded_by})
         lossy = sorted({r for m in group_members for r in walk.lossy.get(m.slot, [])})
-        groups.append(ChannelGroup(gid, key, len(by_signature[sig]), group_members, producers, frozen, lossy))
+        groups.append(ChannelGroup(gid, key, count, group_members, producers, frozen, lossy))
     return groups
+
+
+def _signature_groups(comp_slot: np.ndarray, starts: np.ndarray, n_slots: int) -> tuple[np.ndarray, list[int]]:
+    """Number the components by the set of slots they touch (their signature), in the order of each
+    signature's first component; returns (group of each component, first slot of each group).
+
+    Vectorised: a transformer has ~10^5 components, too many for a tuple per component. Each
+    signature is summarised by its length and two random sums; components with equal summaries
+    are then compared slot by slot, and a collision falls back to exact tuples.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64), []
+    lengths = np.diff(np.r_[starts, len(comp_slot)])
+    salt = np.random.default_rng(0).integers(0, 1 << 62, size=(2, n_slots), dtype=np.int64)
+    sums = [np.add.reduceat(s[comp_slot], starts) for s in salt]  # int64 sums wrap: still a hash
+    order = np.lexsort((sums[1], sums[0], lengths))
+    new = np.r_[True, (np.diff(lengths[order]) != 0) | (np.diff(sums[0][order]) != 0)
+                | (np.diff(sums[1][order]) != 0)]
+    key = np.empty(len(starts), dtype=np.int64)
+    key[order] = np.cumsum(new) - 1
+    first = np.full(int(key.max()) + 1, len(starts), dtype=np.int64)
+    np.minimum.at(first, key, np.arange(len(starts)))
+    owner = np.repeat(first[key], lengths)  # each element's representative component
+    position = np.arange(len(comp_slot)) - np.repeat(starts, lengths)
+    if not np.array_equal(comp_slot, comp_slot[starts[owner] + position]):
+        return _signature_groups_exact(comp_slot, starts)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[key], [int(comp_slot[starts[f]]) for f in np.sort(first)]
+
+
+def _signature_groups_exact(comp_slot: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """`_signature_groups` with one tuple per component (the hash summary collided)."""
+    ends = np.r_[starts[1:], len(comp_slot)]
+    ids: dict[tuple, int] = {}
+    gid_of = np.array([ids.setdefault(tuple(comp_slot[a:b]), len(ids)) for a, b in zip(starts, ends)], dtype=np.int64)
+    return gid_of, [sig[0] for sig in ids]

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 
 from onnxprune.ir import export_structure, infer_shapes, opset_version, to_graph
+from onnxprune.static_shapes import ProbeRuns
 
 LAYOUT_OPS = {"Gather", "Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity",
               "Flatten", "Split"}
@@ -124,14 +125,15 @@ def _run_single(node: gs.Node, opset: int) -> list[np.ndarray] | None:
 
 def folded_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model in graphsurgeon with its constant layout/shape subgraphs folded: what the
-    dependency analysis reads."""
-    result = fold_constants(to_graph(model), opset_version(model))
+    dependency analysis reads. The shape probe's executed runs are shared by both inferences."""
+    probes = ProbeRuns()
+    result = fold_constants(to_graph(model, probes), opset_version(model))
     if result.folded:
-        _refresh_shapes(result.graph, model)
+        _refresh_shapes(result.graph, model, probes)
     return result.graph
 
 
-def _refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+def _refresh_shapes(graph: gs.Graph, model: onnx.ModelProto, probes: ProbeRuns | None = None) -> None:
     """Infer shapes again where folding made them knowable (a Slice whose bounds were computed from
     `Shape`, as in torch's `chunk`): rules downstream need the static channel counts."""
     proto = export_structure(graph)  # shapes need no weights: do not copy them
@@ -139,7 +141,7 @@ def _refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
     proto.ir_version = model.ir_version
     del proto.opset_import[:]
     proto.opset_import.extend(model.opset_import)
-    shapes = infer_shapes(proto, resolve=True)
+    shapes = infer_shapes(proto, resolve=True, probes=probes)
     for name, tensor in graph.tensors().items():
         if not isinstance(tensor, gs.Variable) or name not in shapes or tensor in graph.inputs:
             continue
