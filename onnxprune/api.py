@@ -37,17 +37,22 @@ REPORT_VERSION = 1
 LOSSLESS_TOL = 1e-5
 
 
+GQA_UNITS = ("kv", "query")
+
+
 def analyze(model: "str | os.PathLike[str] | onnx.ModelProto", exclude: Iterable[str] = (),
-            prune_hidden: bool = False) -> Analysis:
+            prune_hidden: bool = False, gqa: Literal["kv", "query"] = "kv") -> Analysis:
     """Dependency analysis: channel groups, which are prunable, and why the others are frozen."""
     sizes: list[int | None] = []
     proto = load_model(model, sizes)
     _check_graph(proto, _label(model), sizes)
-    return _analysis(proto, exclude, prune_hidden)
+    return _analysis(proto, exclude, prune_hidden, gqa)
 
 
-def _analysis(proto: onnx.ModelProto, exclude: Iterable[str], prune_hidden: bool) -> Analysis:
-    analysis = analyze_graph(folded_graph(proto), opset_version(proto))
+def _analysis(proto: onnx.ModelProto, exclude: Iterable[str], prune_hidden: bool, gqa: str = "kv") -> Analysis:
+    if gqa not in GQA_UNITS:
+        raise InputError(f"gqa must be one of {', '.join(GQA_UNITS)}, got {gqa!r}")
+    analysis = analyze_graph(folded_graph(proto), opset_version(proto), gqa)
     if exclude:
         analysis.exclude(list(exclude))
     if not prune_hidden:
@@ -146,6 +151,7 @@ def prune(
     quiet: bool = False,
     head_ratio: float | None = None,
     prune_hidden: bool = False,
+    gqa: Literal["kv", "query"] = "kv",
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
@@ -163,6 +169,8 @@ def prune(
     compensates removed channels in the next layer's bias or re-fits it by least squares.
     `head_ratio` gives attention-head groups their own ratio; `prune_hidden` lets the hidden size
     of transformers (the residual stream) be pruned too, which is lossy (`onnxprune.heads`).
+    `gqa` is the unit of grouped-query attention: 'kv' a KV head with its query heads, 'query'
+    query position j of every KV group (K/V projections kept, the repeat count shrinks).
     Options that the chosen mode would ignore (a ratio with a target, head_ratio with a target,
     criterion options with a replayed plan, ...) are refused with `InputError`.
 
@@ -180,7 +188,7 @@ def prune(
     original = load_model(model, sizes)
     _check_graph(original, _label(model), sizes)
     meta = ModelMeta.of(original)
-    analysis = _analysis(original, exclude, prune_hidden)
+    analysis = _analysis(original, exclude, prune_hidden, gqa)
     if lossless:
         analysis.freeze_lossy()
     summary = analysis.summary()

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of attention heads to remove per layer (default: --ratio)")
     r.add_argument("--prune-hidden", dest="prune_hidden", action="store_true",
                    help="also prune the hidden size of transformers (residual stream; lossy)")
+    r.add_argument("--gqa", choices=["kv", "query"], default="kv",
+                   help="grouped-query attention unit: a KV head with its query heads (kv), or query "
+                   "position j of every KV group, K/V kept and the repeat count shrunk (query)")
     r.add_argument("--atol", type=float)
     r.add_argument("--rtol", type=float)
     r.add_argument("--report", metavar="FILE.json", help="write the JSON report")

@@ -14,8 +14,9 @@ from onnxprune.passes.rewrite import removed_elements
 from onnxprune.verify import random_inputs, session
 
 
-def masked_reference(model: onnx.ModelProto, result: onnxprune.PruneResult) -> onnx.ModelProto:
-    analysis = onnxprune.analyze(model)
+def masked_reference(model: onnx.ModelProto, result: onnxprune.PruneResult, **options) -> onnx.ModelProto:
+    """`options` are the analysis options the prune used (gqa="query" has other groups)."""
+    analysis = onnxprune.analyze(model, **options)
     units = result.plan.resolve(analysis)
     removed = removed_elements(analysis, units)
     zero: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -42,9 +43,10 @@ def masked_reference(model: onnx.ModelProto, result: onnxprune.PruneResult) -> o
     return masked
 
 
-def assert_matches_masked(model: onnx.ModelProto, result: onnxprune.PruneResult, rtol=1e-4, atol=1e-5, seed=0):
+def assert_matches_masked(model: onnx.ModelProto, result: onnxprune.PruneResult, rtol=1e-4, atol=1e-5, seed=0,
+                          **options):
     onnx.checker.check_model(result.model, full_check=True)
-    reference = masked_reference(model, result)
+    reference = masked_reference(model, result, **options)
     feeds = random_inputs(model, seed)
     ref = session(reference).run(None, feeds)
     out = session(result.model).run(None, feeds)

@@ -75,6 +75,9 @@ class NodeView:
     splits one axis into several) the way the rest of the graph already decided."""
     settled: bool = True
     """False during the walk's first pass: a rule may answer `Defer` instead of guessing."""
+    gqa: str = "kv"
+    """Unit of grouped-query attention: 'kv' (a KV head with its query heads) or 'query' (query
+    position j of every KV group; K/V repeats shrink instead, see ops/layout.py)."""
 
     @property
     def name(self) -> str:

@@ -199,6 +199,10 @@ def _target_entry_ties(v: NodeView, target: list, ties: list[Tie]) -> "list[Tie]
     extra = []
     for axis in sorted({s[1] for t in ties for s in (t.a, t.b) if s[0] == y}):
         entry, n = target[axis - offset] if axis >= offset else None, v.dim((y, axis))
+        if isinstance(entry, Dim) and v.gqa == "query" and merges_repeat(v):
+            if entry.factor_source is None or (v.dim((entry.tensor, entry.axis)) or 0) * entry.factor != n:
+                return Freeze(f"gqa='query': {v.op} target for the merged heads is not KV heads x a constant")
+            continue  # KV heads stay; the update rewrites the repeat factor (_update_computed_target)
         if isinstance(entry, Dim) and not flows_from(v.node.inputs[0], entry.tensor):
             return Freeze(f"{v.op} target for channel axis {axis} reads the size of another layer's channels")
         if isinstance(entry, Dim):
@@ -246,14 +250,29 @@ def block_tie(a: Slot, b: Slot, n: int, factor: int) -> Tie:
 def _update_computed_target(v: NodeView, edit, fixed: tuple[int, ...] = (0, -1)) -> None:
     """Rewrite the constant elements that spell changed output dims, in the constants they come from.
     Elements equal to a value in `fixed` (copy, infer; broadcast for Expand) stay."""
-    changes: dict[tuple[str, int], dict[int, int]] = {}
+    writes = {}
     for axis, entry in enumerate(_computed_target(v) or []):
         new = edit.new_dim((v.outputs[0], axis))
         if new is not None and isinstance(entry, Known) and entry.value not in (*fixed, new):
-            if entry.source is None:
-                raise InternalError(f"{v.op} '{v.name}': target element {axis} is computed and cannot be rewritten")
-            node_name, index, flat = entry.source
-            changes.setdefault((node_name, index), {})[flat] = new
+            writes[axis] = (entry, new)
+        elif new is not None and isinstance(entry, Dim) and entry.factor != 1 and edit.new_dim(
+                (entry.tensor, entry.axis)) is None:  # gqa='query': KV heads x the kept repeats
+            old = edit.analysis.slot_sizes[(v.outputs[0], axis)]
+            if new % (old // entry.factor):
+                raise InternalError(f"{v.op} '{v.name}': {new} heads are not a multiple of the KV heads")
+            writes[axis] = (Known(entry.factor, entry.factor_source), new // (old // entry.factor))
+    _write_sources(edit, writes, v.name)
+
+
+def _write_sources(edit, writes: dict, owner: str) -> None:
+    """Write new values into the constants that run-time shape elements were read from;
+    `writes` maps an output axis to (its Known element, new value)."""
+    changes: dict[tuple[str, int], dict[int, int]] = {}
+    for axis, (entry, new) in writes.items():
+        if not isinstance(entry, Known) or entry.source is None:
+            raise InternalError(f"'{owner}': target element {axis} is computed and cannot be rewritten")
+        node_name, index, flat = entry.source
+        changes.setdefault((node_name, index), {})[flat] = new
     nodes = {n.name: n for n in edit.graph.nodes} if changes else {}
     for (node_name, index), elems in changes.items():
         node = nodes[node_name]
@@ -543,6 +562,13 @@ def _sized_by(reader: gs.Node, slot: Slot, n: int | None, opset: int) -> list[Ti
     return ties or None
 
 
+def _reads_for_repeat(v: NodeView, reader: gs.Node) -> bool:
+    """Whether a shape reader is a K/V repeat or the Reshape merging one (their targets)."""
+    view = NodeView(reader, v.tensors, v.opset)
+    return bool(repeat_axes(view)) if reader.op in ("Expand", "Tile") else (
+        reader.op == "Reshape" and merges_repeat(view))
+
+
 @register("Shape")
 class Shape(OpRule):
     """Reading a tensor's shape is safe when no consumer picks out the channel dim."""
@@ -557,6 +583,8 @@ class Shape(OpRule):
         readers = dim_readers(v.node, slot[1], v.opset)
         if readers is None:
             return Freeze("shape of a channel tensor feeds a computation onnxprune cannot follow")
+        if v.gqa == "query" and any(_reads_for_repeat(v, r) for r in readers):
+            return Freeze("gqa='query': the K/V repeat reads the KV head count, which stays")
         followers = {r.name: _last_axis_follower(r, v.node.inputs[0], slot[1], v.opset) for r in readers}
         readers = [r for r in readers if followers[r.name] is None]
         if readers and only_chunk_bounds(v.node, v.tensors, v.opset):
@@ -569,16 +597,49 @@ class Shape(OpRule):
         return follow + [t for ties in sized for t in ties]
 
 
-def repeat_anchors(v: NodeView) -> list[Slot]:
-    """In a repeat (an axis of size 1 broadcast or tiled right after a full axis, as K/V heads are
-    repeated for grouped-query attention) the full axis carries the channels, not the copies."""
+def repeat_axes(v: NodeView) -> list[int]:
+    """KV axes of a repeat: an axis of size 1 broadcast or tiled right after a full axis, as K/V
+    heads are repeated for grouped-query attention ([B, kv_heads, 1, S, D]: masks are rank 4)."""
     x, y = v.inputs[0], v.outputs[0]
     rx, ry = v.rank(x), v.rank(y)
-    if rx is None or ry is None or rx != ry or ry < 5:  # [B, kv_heads, 1, S, D]: masks are rank 4
+    if rx is None or ry is None or rx != ry or ry < 5:
         return []
-    return [(y, a) for a in range(1, ry - 1)
+    return [a for a in range(1, ry - 1)
             if (v.dim((x, a)) or 1) > 1 and v.dim((x, a)) == v.dim((y, a))
             and v.dim((x, a + 1)) == 1 and (v.dim((y, a + 1)) or 1) > 1]
+
+
+def repeat_anchors(v: NodeView) -> list[Slot]:
+    """In a repeat the full (KV) axis carries the channels, not the copies. With gqa='query' the
+    copy axis does (query position j of every KV group), and the KV axis is anchored on the input
+    side only, so K/V projections still split by head and freeze at the repeat."""
+    axes = repeat_axes(v)
+    if v.gqa == "query":
+        return [(v.inputs[0], a) for a in axes] + [(v.outputs[0], a + 1) for a in axes]
+    return [(v.outputs[0], a) for a in axes]
+
+
+def query_repeat_ties(v: NodeView, slot: Slot, entry: "Known | Dim | bool | None") -> "list[Tie] | Freeze | None":
+    """gqa='query' answers at a K/V repeat (None: not a repeat axis, or KV mode). The KV axis
+    freezes (K/V heads stay whole); the copy axis is a broadcast with no tie to the input, valid
+    when its repeat count (`entry`: a constant, or a run-time element) can be rewritten."""
+    axes = repeat_axes(v) if v.gqa == "query" else []
+    if slot[0] not in (v.inputs[0], v.outputs[0]) or not axes:
+        return None
+    if slot[1] in axes:
+        return Freeze("gqa='query' keeps KV heads whole: K/V projections are not pruned")
+    if slot[0] != v.outputs[0] or slot[1] - 1 not in axes:
+        return None
+    if entry is True or (isinstance(entry, Known) and entry.source is not None):
+        return []
+    return Freeze("gqa='query': the repeat count of the KV heads is computed and cannot be rewritten")
+
+
+def merges_repeat(v: NodeView) -> bool:
+    """Whether a Reshape merges a K/V repeat (its input is an Expand or Tile repeat's output)."""
+    producer = v.node.inputs[0].inputs[0] if v.node.inputs and v.node.inputs[0].inputs else None
+    return producer is not None and producer.op in ("Expand", "Tile") and bool(
+        repeat_axes(NodeView(producer, v.tensors, v.opset)))
 
 
 @register("Tile")
@@ -601,12 +662,32 @@ class Tile(OpRule):
         repeats = ([Known(int(r)) for r in const.reshape(-1)] if const is not None
                    else shape_value(v.tensors[v.inputs[1]], v.opset))
         entry = repeats[slot[1]] if repeats is not None and slot[1] < len(repeats) else None
+        query = query_repeat_ties(v, slot, True if const is not None else entry)
+        if query is not None:
+            return query
         if not isinstance(entry, Known) or entry.value < 1:
             return Freeze("Tile repeats of the channel axis are computed at run time")
         n = v.dim((x, slot[1]))
         if n is None or v.dim((y, slot[1])) != n * entry.value:
             return Freeze("unknown channel count at Tile")
         return [Tie((x, slot[1]), (y, slot[1]), np.tile(np.arange(n), entry.value), np.arange(n * entry.value))]
+
+    def update(self, v: NodeView, edit) -> None:
+        """An axis of size 1 whose copies lose elements (gqa='query') repeats the kept count."""
+        x, y = v.inputs[0], v.outputs[0]
+        news = {a: edit.new_dim((y, a)) for a in range(v.rank(y) or 0) if v.dim((x, a)) == 1}
+        news = {a: n for a, n in news.items() if n is not None}
+        if not news:
+            return
+        const = v.const(v.inp(1))
+        if const is None:
+            entries = shape_value(v.tensors[v.inputs[1]], v.opset) or []
+            return _write_sources(edit, {a: (entries[a] if a < len(entries) else None, n) for a, n in news.items()},
+                                  v.name)
+        repeats = const.copy()
+        for a, n in news.items():
+            repeats[a] = n
+        edit.set_input_const(v.node, 1, repeats)
 
 
 @register("Expand")
@@ -627,12 +708,15 @@ class Expand(OpRule):
             return Freeze("Expand target shape is not a channel tensor, or ranks are unknown")
         out_axis = slot[1] + (ry - rx if slot[0] == x else 0)
         in_axis = out_axis - (ry - rx)
-        n = v.dim((y, out_axis))
-        if n is None or in_axis < 0 or v.dim((x, in_axis)) != n:
-            return Freeze("Expand broadcasts the channel axis")
         target = ([Known(int(t)) for t in v.const(v.inputs[1]).reshape(-1)] if v.is_const(v.inputs[1])
                   else _computed_target(v))
         entry = target[out_axis] if target is not None and len(target) == ry else None
+        query = query_repeat_ties(v, slot, True if v.is_const(v.inputs[1]) else entry)
+        if query is not None:
+            return query
+        n = v.dim((y, out_axis))
+        if n is None or in_axis < 0 or v.dim((x, in_axis)) != n:
+            return Freeze("Expand broadcasts the channel axis")
         if entry is None or (isinstance(entry, Known) and entry.value not in (1, n)):
             return Freeze("Expand target for the channel axis is computed at run time")
         main = identity((x, in_axis), (y, out_axis), n)

@@ -13,7 +13,7 @@ a dim is never negative, so `Equal(dim, -1)` is known to be false whatever the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,6 +27,9 @@ class Dim:
     tensor: str
     axis: int
     factor: int = 1
+    factor_source: "tuple[str, int, int] | None" = field(default=None, compare=False)
+    """Where a factor other than 1 was read (node name, input index, flat index), when a single
+    constant gave it: `gqa='query'` rewrites KV heads x repeats there with the kept repeats."""
 
 
 def reads(entry: "Dim | Known", tensor: str, axis: int) -> bool:
@@ -158,12 +161,17 @@ def _mul(node: gs.Node, opset: int, depth: int):
         if isinstance(a, Known) and isinstance(b, Known):
             out.append(Known(a.value * b.value))
         elif isinstance(a, Dim) and isinstance(b, Known) and b.value > 0:
-            out.append(Dim(a.tensor, a.axis, a.factor * b.value))
+            out.append(_scaled(a, b))
         elif isinstance(b, Dim) and isinstance(a, Known) and a.value > 0:
-            out.append(Dim(b.tensor, b.axis, b.factor * a.value))
+            out.append(_scaled(b, a))
         else:
             return None  # a product of two dims
     return out if pairs else None
+
+
+def _scaled(dim: Dim, by: Known) -> Dim:
+    """dim x constant; the constant's source is kept when it alone makes the factor."""
+    return Dim(dim.tensor, dim.axis, dim.factor * by.value, by.source if dim.factor == 1 else None)
 
 
 def _equal(node: gs.Node, opset: int, depth: int):

@@ -61,10 +61,12 @@ class Analysis:
     slot_sizes: dict[Slot, int]
     node_ties: dict[str, list[Tie]]
     frozen_slots: dict[Slot, list[str]]
+    gqa: str = "kv"
+    """The grouped-query attention unit the analysis was made with (rules asked later see it too)."""
 
     def view(self, node: gs.Node) -> NodeView:
         # Rules read only the node's own tensors; graph.tensors() would walk the whole graph per call.
-        return NodeView(node, {t.name: t for t in (*node.inputs, *node.outputs)}, self.opset)
+        return NodeView(node, {t.name: t for t in (*node.inputs, *node.outputs)}, self.opset, gqa=self.gqa)
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -106,21 +108,22 @@ def rule_for(node: gs.Node, opset: int) -> OpRule | None:
     return REGISTRY.lookup(node.op, node.domain or "", opset)
 
 
-def analyze_graph(graph: gs.Graph, opset: int) -> Analysis:
+def analyze_graph(graph: gs.Graph, opset: int, gqa: str = "kv") -> Analysis:
+    """Channel groups of a graph; `gqa` picks the unit of grouped-query attention (NodeView.gqa)."""
     tensors = graph.tensors()
-    walk = _Walk(graph, tensors, opset)
+    walk = _Walk(graph, tensors, opset, gqa)
     walk.run()
     sizes = walk.sizes()
     labels, slots, offsets = _components(sizes, walk.ties)
     groups = _groups(labels, slots, offsets, sizes, walk)
-    return Analysis(graph, opset, groups, sizes, dict(walk.node_ties), dict(walk.frozen))
+    return Analysis(graph, opset, groups, sizes, dict(walk.node_ties), dict(walk.frozen), gqa)
 
 
 class _Walk:
     """Breadth-first discovery of channel slots and their ties."""
 
-    def __init__(self, graph: gs.Graph, tensors: dict[str, gs.Tensor], opset: int) -> None:
-        self.graph, self.tensors, self.opset = graph, tensors, opset
+    def __init__(self, graph: gs.Graph, tensors: dict[str, gs.Tensor], opset: int, gqa: str = "kv") -> None:
+        self.graph, self.tensors, self.opset, self.gqa = graph, tensors, opset, gqa
         self.io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
         self.implicit = _subgraph_reads(graph)
         lo, hi = SUPPORTED_OPSETS
@@ -143,7 +146,7 @@ class _Walk:
             rule = rule_for(node, self.opset)
             if rule is None:
                 continue
-            view = NodeView(node, self.tensors, self.opset)
+            view = NodeView(node, self.tensors, self.opset, gqa=self.gqa)
             for slot in rule.seeds(view):
                 self.seeded_by.setdefault(slot, node.name)
                 queue.append(slot)
@@ -198,7 +201,7 @@ class _Walk:
             self.frozen[slot].append(f"{where}: no channel rule for {node.op}{domain}")
             return []
         try:
-            result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen, self.settled), slot)
+            result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen, self.settled, self.gqa), slot)
         except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
             result = Freeze(f"rule could not read the node ({type(exc).__name__}: {exc})")
         if isinstance(result, Defer):

@@ -61,7 +61,7 @@ class Edit:
     def set_input_const(self, node: gs.Node, index: int, value: np.ndarray, name: str | None = None) -> None:
         """Give `node` a fresh constant input (never mutate a constant another node may share)."""
         name = name or self.unique_name(f"{node.name}_pruned_in{index}")
-        const = gs.Constant(name, np.ascontiguousarray(value))
+        const = gs.Constant(name, np.ascontiguousarray(value).reshape(np.shape(value)))  # 0-d stays 0-d
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = const
