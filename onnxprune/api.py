@@ -43,10 +43,15 @@ GQA_UNITS = ("kv", "query")
 def analyze(model: "str | os.PathLike[str] | onnx.ModelProto", exclude: Iterable[str] = (),
             prune_hidden: bool = False, gqa: Literal["kv", "query"] = "kv") -> Analysis:
     """Dependency analysis: channel groups, which are prunable, and why the others are frozen."""
-    sizes: list[int | None] = []
+    return _analysis(_load_checked(model), exclude, prune_hidden, gqa)
+
+
+def _load_checked(model: "str | os.PathLike[str] | onnx.ModelProto") -> onnx.ModelProto:
+    """The model, loaded and refused with one line if it is not a valid, prunable graph."""
+    sizes: list[int | None] = []  # payload sizes seen by the reader: the check need not copy them
     proto = load_model(model, sizes)
     _check_graph(proto, _label(model), sizes)
-    return _analysis(proto, exclude, prune_hidden, gqa)
+    return proto
 
 
 def _analysis(proto: onnx.ModelProto, exclude: Iterable[str], prune_hidden: bool, gqa: str = "kv") -> Analysis:
@@ -184,9 +189,7 @@ def prune(
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
-    sizes: list[int | None] = []  # payload sizes seen by the reader: the check need not copy them
-    original = load_model(model, sizes)
-    _check_graph(original, _label(model), sizes)
+    original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
     if lossless:
@@ -196,7 +199,7 @@ def prune(
                                 recover="none" if lossless else recover, auto_plan=plan == "auto", quiet=quiet)
     latency_notes: list[str] = []
     if not lossless and plan is None and (round_to == "auto" or target_latency is not None):
-        units, values, chosen = _choose_for_latency(original, analysis, calib, ratio, criterion, scope, seed, round_to,
+        units, values, chosen = _choose_for_latency(original, analysis, calib, ratio, criterion, scope, seed,
                                                     target_latency, latency_table, max_ratio, latency_notes)
     elif not lossless and (plan == "auto" or target_macs is not None or target_params is not None):
         units, values, chosen = _choose_for_target(original, analysis, calib, criterion, plan, target_macs,
@@ -308,7 +311,7 @@ def _layers(analysis: Analysis, units: dict[int, np.ndarray]) -> list[dict]:
 
 
 def _choose_for_latency(original: onnx.ModelProto, analysis: Analysis, calib: Calibration, ratio: float,
-                        criterion: "str | Criterion", scope: str, seed: int, round_to: "int | str",
+                        criterion: "str | Criterion", scope: str, seed: int,
                         target_latency: float | None, latency_table: "str | os.PathLike[str] | None",
                         max_ratio: float, notes: list[str]) -> "tuple[dict[int, np.ndarray], None, Plan]":
     """Removed units planned on measured latency: a latency target, or ratio plans whose counts

@@ -133,6 +133,12 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _pruned_data_file(args) -> Path:
+    """Where `--save-external-data` writes the pruned model's weights (default: OUTPUT.data)."""
+    out = Path(args.output)
+    return out.parent / (args.save_external_data if isinstance(args.save_external_data, str) else out.name + ".data")
+
+
 def _refuse_overwriting_input_data(args) -> None:
     """No output (the data file, named or the default used above 2 GB; reports; plans) may replace an
     input file."""
@@ -142,9 +148,7 @@ def _refuse_overwriting_input_data(args) -> None:
         side = getattr(args, flag, None)
         if side and _same_file(args.model, side):
             raise InputError(f"{side}: --{flag.replace('_', '-')} would overwrite the input model")
-    out = Path(args.output)
-    name = args.save_external_data if isinstance(args.save_external_data, str) else out.name + ".data"
-    data = out.parent / name
+    data = _pruned_data_file(args)
     if data.exists() and any(_same_file(str(f), str(data)) for f in [Path(args.model), *referenced_files(args.model)]):
         raise InputError(f"{data}: output data file would overwrite the input model's data")
 
@@ -176,9 +180,7 @@ def _cmd_prune(args) -> int:
         raise InputError(f"{quantized_target}: the quantized model would overwrite the input or the pruned model")
     if args.quantize and args.save_external_data:
         quantized_data = quantized_target + ".data"
-        pruned_data = Path(args.output).parent / (args.save_external_data if isinstance(args.save_external_data, str)
-                                                  else Path(args.output).name + ".data")
-        if _same_file(quantized_data, str(pruned_data)) or _same_file(args.model, quantized_data):
+        if _same_file(quantized_data, str(_pruned_data_file(args))) or _same_file(args.model, quantized_data):
             raise InputError(f"{quantized_data}: the quantized model's data file would overwrite another file")
     sensitivity = load_sensitivity(args.sensitivity) if args.sensitivity else None
     try:

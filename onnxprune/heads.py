@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from onnxprune.ops import Slot
 from onnxprune.passes.dependency import Analysis, ChannelGroup, rule_for
-from onnxprune.plan import GroupPlan, Plan, keep_count
+from onnxprune.plan import GroupPlan, Plan, keep_count, lowest_units
 
 
 def head_slots(analysis: Analysis) -> set[Slot]:
@@ -73,7 +73,6 @@ def with_head_ratio(plan: Plan, analysis: Analysis, scores: dict, head_ratio: fl
         group = by_key.get(entry.key)
         if group is not None and group_kind(analysis, group, heads) == "heads":
             drop = group.size - keep_count(group.size, head_ratio)
-            order = sorted(range(group.size), key=lambda u: (scores[group.id][u], u))
-            entry = GroupPlan(entry.key, entry.size, sorted(order[:drop]))
+            entry = GroupPlan(entry.key, entry.size, lowest_units(scores[group.id], drop))
         out.groups.append(entry)
     return out

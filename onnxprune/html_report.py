@@ -10,14 +10,11 @@ unrecognised shape is reported on the page, never a crash).
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from onnxprune.api import PruneReport
-from onnxprune.errors import InputError
 from onnxprune.report import MODEL_TITLES, human
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
@@ -222,11 +219,9 @@ _METRIC_KEYS = ("accuracy", "top1", "top1_accuracy", "error", "errors", "output_
 
 def load_sensitivity(path: "str | os.PathLike[str]") -> list[Curve]:
     """Read a sensitivity JSON file; unreadable files are an InputError, unknown shapes give []."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read sensitivity JSON ({getattr(exc, 'strerror', None) or exc})") from None
-    return sensitivity_curves(data)
+    from onnxprune.ir import read_json
+
+    return sensitivity_curves(read_json(path, "sensitivity JSON"))
 
 
 def sensitivity_curves(data) -> list[Curve]:

@@ -514,6 +514,22 @@ def atomic_write_json(path: "str | os.PathLike[str]", data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
+def read_json(path: "str | os.PathLike[str]", what: str) -> object:
+    """A JSON file's content, or one line saying why the `what` (plan, latency table) is unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def check_document(data: object, fmt: str, version: int, what: str) -> None:
+    """Refuse JSON that is not the onnxprune document expected, or of another version, in one line."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise InputError(f"not an onnxprune {what} (missing format field)")
+    if data.get("version") != version:
+        raise InputError(f"{what} version {data.get('version')} is not supported (expected {version})")
+
+
 def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
     """Write a small file (report, statistics, plot) so that readers see the old file or the whole
     new one, never a partial one: temp file in the destination directory (so the rename stays on

@@ -23,7 +23,6 @@ and never below it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -40,7 +39,7 @@ from onnx import helper
 
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
-from onnxprune.plan import GroupPlan, Plan, _lowest, keep_count, normalise_scores
+from onnxprune.plan import GroupPlan, Plan, lowest_units, keep_count, normalise_scores
 from onnxprune.verify import random_inputs, session
 
 TABLE_FORMAT = "onnxprune-latency-table"
@@ -132,10 +131,9 @@ class LatencyTable:
 
     @classmethod
     def from_json(cls, data: dict) -> "LatencyTable":
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise InputError("not an onnxprune latency table (missing format field)")
-        if data.get("version") != TABLE_VERSION:
-            raise InputError(f"latency table version {data.get('version')} is not supported")
+        from onnxprune.ir import check_document
+
+        check_document(data, TABLE_FORMAT, TABLE_VERSION, "latency table")
         try:
             layers = [LayerLatency(entry["node"], entry["op"], float(entry["full_ms"]),
                                    {axis: _curve(c) for axis, c in entry["curves"].items()})
@@ -149,11 +147,9 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: "str | Path") -> "LatencyTable":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read latency table ({exc})") from None
-        return cls.from_json(data)
+        from onnxprune.ir import read_json
+
+        return cls.from_json(read_json(path, "latency table"))
 
 
 def _positive(value) -> int:
@@ -454,7 +450,7 @@ def round_plan(analysis: Analysis, scores: dict[int, np.ndarray], plan: Plan, ta
             out.groups.append(entry)
             continue
         keep = auto_count(*curve, planned=group.size - len(entry.remove))
-        out.groups.append(GroupPlan(entry.key, group.size, _lowest(scores[group.id], group.size - keep)))
+        out.groups.append(GroupPlan(entry.key, group.size, lowest_units(scores[group.id], group.size - keep)))
     return out
 
 
@@ -492,7 +488,7 @@ def latency_plan(analysis: Analysis, scores: dict[int, np.ndarray], table: Laten
             break
         keep[best[1]] = best[2]
         now -= best[3]
-    plan = Plan([GroupPlan(g.key, g.size, _lowest(scores[g.id], g.size - keep[g.key])) for g in groups])
+    plan = Plan([GroupPlan(g.key, g.size, lowest_units(scores[g.id], g.size - keep[g.key])) for g in groups])
     return plan, now / full
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,9 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise InputError("plan file is not an onnxprune plan (missing format field)")
-        if data.get("version") != PLAN_VERSION:
-            raise InputError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
+        from onnxprune.ir import check_document
+
+        check_document(data, PLAN_FORMAT, PLAN_VERSION, "plan")
         try:
             groups = [GroupPlan(str(g["key"]), int(g["size"]), sorted(int(i) for i in g["remove"]))
                       for g in data["groups"]]
@@ -55,11 +53,9 @@ class Plan:
 
     @classmethod
     def load(cls, path: "str | Path") -> "Plan":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read plan ({exc})") from None
-        return cls.from_json(data)
+        from onnxprune.ir import read_json
+
+        return cls.from_json(read_json(path, "plan"))
 
     def resolve(self, analysis: Analysis) -> dict[int, np.ndarray]:
         """Map the plan onto an analysis: {group id: removed units}. Mismatches are errors."""
@@ -90,7 +86,8 @@ def keep_count(size: int, ratio: float, round_to: int = 1, min_keep: int = 1) ->
     return min(size, keep)
 
 
-def _lowest(scores: np.ndarray, count: int) -> list[int]:
+def lowest_units(scores: np.ndarray, count: int) -> list[int]:
+    """The `count` lowest-scored units, sorted; ties go to the lower index."""
     return sorted(int(i) for i in np.argsort(scores, kind="stable")[:count])
 
 
@@ -108,7 +105,7 @@ def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float
     plan = Plan()
     for group in analysis.prunable:
         keep = keep_count(group.size, ratio, round_to)
-        plan.groups.append(GroupPlan(group.key, group.size, _lowest(scores[group.id], group.size - keep)))
+        plan.groups.append(GroupPlan(group.key, group.size, lowest_units(scores[group.id], group.size - keep)))
     return plan
 
 
@@ -135,7 +132,7 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
     plan = Plan()
     for k, group in enumerate(groups):
         keep = keep_count(group.size, removed[k] / group.size, round_to)
-        plan.groups.append(GroupPlan(group.key, group.size, _lowest(scores[group.id], group.size - keep)))
+        plan.groups.append(GroupPlan(group.key, group.size, lowest_units(scores[group.id], group.size - keep)))
     return plan
 
 
@@ -181,7 +178,7 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
 
     def units_of(used: np.ndarray) -> dict[int, np.ndarray]:
         counts = [g.size - keep_count(g.size, used[j] / g.size, round_to) for j, g in enumerate(groups)]
-        return {g.id: np.array(_lowest(scores[g.id], counts[j]), dtype=np.int64)
+        return {g.id: np.array(lowest_units(scores[g.id], counts[j]), dtype=np.int64)
                 for j, g in enumerate(groups) if counts[j]}
 
     def kept(used: np.ndarray) -> tuple[float, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.metrics import count
-from onnxprune.verify import DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, compare_outputs, session, top1_correct
+from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, compare_outputs, interleaved_latency, session,
+                              top1_correct)
 
 QUANTIZE_MODES = ("dynamic", "static")
 Feeds = dict[str, np.ndarray]
@@ -113,14 +113,14 @@ def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_
         stats = count(model)
         quantized = any(n.op_type in _QUANT_OPS for n in model.graph.node)
         fig = ModelFigures(stats.bytes, stats.params, None if quantized else stats.macs, sum(stats.ops.values()))
-        runner = session(model)
-        outputs = [runner.run(None, f)[0] for f in feeds]
+        runner = reference if name == names[0] else session(model)
+        outputs = reference_outputs if name == names[0] else [runner.run(None, f)[0] for f in feeds]
         fig.max_abs_diff, fig.cosine, fig.top1_agreement = agreement(reference_outputs, outputs)
         if eval_data is not None:
-            fig.accuracy = accuracy(model, eval_data, labels)
+            fig.accuracy = accuracy(model, eval_data, labels, runner)
         figures[name] = fig
     if bench:
-        for fig, lat in zip(figures.values(), latency([models[n] for n in names], feeds[0])):
+        for fig, lat in zip(figures.values(), interleaved_latency([models[n] for n in names], feeds[0])):
             fig.latency_ms = lat
     return figures
 
@@ -140,13 +140,13 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Co
               "QLinearConv", "QLinearMatMul"}
 
 
-def accuracy(model: onnx.ModelProto, eval_data, labels: str) -> float:
+def accuracy(model: onnx.ModelProto, eval_data, labels: str, sess=None) -> float:
     """Top-1 accuracy of the first output (class scores on the last axis), streamed batch by batch
     over `eval_data`, which holds the model inputs plus a `labels` array of class ids."""
     from onnxprune.data import batch_size_for, iter_batches, model_inputs
 
     names = model_inputs(model)
-    sess = session(model)
+    sess = sess or session(model)
     correct = total = 0
     for batch in iter_batches(eval_data, names, batch_size_for(model), extra=(labels,)):
         if labels not in batch:
@@ -163,22 +163,6 @@ def accuracy(model: onnx.ModelProto, eval_data, labels: str) -> float:
     if total == 0:
         raise InputError("evaluation data is empty")
     return correct / total
-
-
-def latency(models: list[onnx.ModelProto], feeds: Feeds, threads: int = 1, warmup: int = 10,
-            runs: int = 50) -> list[dict[str, float]]:
-    """Median and p90 milliseconds per model, runs interleaved, optimisations on."""
-    sessions = [session(m, optimize=True, threads=threads) for m in models]
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for s, t in zip(sessions, times):
-            start = time.perf_counter()
-            s.run(None, feeds)
-            t.append((time.perf_counter() - start) * 1e3)
-    return [{"median": float(np.median(t)), "p90": float(np.percentile(t, 90))} for t in times]
 
 
 def latency_report(figures: dict[str, ModelFigures], before: str, after: str) -> LatencyReport | None:

@@ -20,7 +20,7 @@ from onnxprune.data import batch_size_for, is_one_shot, iter_batches, model_inpu
 from onnxprune.errors import InputError
 from onnxprune.ir import atomic_write_bytes
 from onnxprune.passes.dependency import Analysis
-from onnxprune.plan import GroupPlan, Plan, _lowest, keep_count
+from onnxprune.plan import GroupPlan, Plan, lowest_units, keep_count
 from onnxprune.progress import progress
 from onnxprune.verify import random_inputs, session, top1_accuracy
 
@@ -189,7 +189,7 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
                            [] if base is not None else None)
         for ratio in ratios:
             count = group.size - keep_count(group.size, ratio)
-            remove = _lowest(scores[group.id], count)
+            remove = lowest_units(scores[group.id], count)
             plan = Plan([GroupPlan(group.key, group.size, remove)])
             # lstsq-seq re-reads the calibration data layer by layer, so it must travel along
             pruned = prune(original, plan=plan, stats=calib.stats, recover=calib.recover,
@@ -229,7 +229,7 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
     caps = {g.id: g.size - keep_count(g.size, max_ratio) for g in groups}
 
     def units(c: dict[int, int]) -> dict[int, np.ndarray]:
-        return {g.id: np.array(_lowest(scores[g.id], c[g.id]), dtype=np.int64) for g in groups if c[g.id]}
+        return {g.id: np.array(lowest_units(scores[g.id], c[g.id]), dtype=np.int64) for g in groups if c[g.id]}
 
     def meets(c: dict[int, int]) -> bool:
         macs, params = cost.evaluate(units(c))

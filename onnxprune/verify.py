@@ -203,15 +203,21 @@ class LatencyReport:
 def benchmark(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
               threads: int = 1, warmup: int = 10, runs: int = 50) -> LatencyReport:
     """Median and p90 latency of both models, runs interleaved, optimisations on."""
-    sa, sb = session(original, optimize=True, threads=threads), session(pruned, optimize=True, threads=threads)
+    before, after = interleaved_latency([original, pruned], feeds, threads, warmup, runs)
+    return LatencyReport(before, after, threads, runs=runs)
+
+
+def interleaved_latency(models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], threads: int = 1,
+                        warmup: int = 10, runs: int = 50) -> list[dict[str, float]]:
+    """Median and p90 milliseconds per model, runs interleaved (drift hits all alike), optimisations on."""
+    sessions = [session(m, optimize=True, threads=threads) for m in models]
     for _ in range(warmup):
-        sa.run(None, feeds)
-        sb.run(None, feeds)
-    ta, tb = [], []
+        for s in sessions:
+            s.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        for sess, times in ((sa, ta), (sb, tb)):
+        for s, t in zip(sessions, times):
             start = time.perf_counter()
-            sess.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1e3)
-    stat = lambda t: {"median": float(np.median(t)), "p90": float(np.percentile(t, 90))}  # noqa: E731
-    return LatencyReport(stat(ta), stat(tb), threads, runs=runs)
+            s.run(None, feeds)
+            t.append((time.perf_counter() - start) * 1e3)
+    return [{"median": float(np.median(t)), "p90": float(np.percentile(t, 90))} for t in times]

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from builders import small_cnn
-from onnxprune.cli import main
+from cli_helpers import run
 
 
 @pytest.fixture
@@ -17,12 +17,6 @@ def model_path(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(small_cnn(), path)
     return path
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prune_writes_model_report_and_plan(model_path, tmp_path, capsys):

@@ -410,9 +410,10 @@ class Slice(OpRule):
         return [Tie((x, axis), (y, axis), idx + start, idx)]
 
     def update(self, v: NodeView, edit) -> None:
-        if _slice_params(v) is None:
+        params = _slice_params(v)
+        if params is None:
             return  # run-time bounds of an equal chunk follow the pruned channel count (chunks.py)
-        starts, ends, axes, steps = _slice_params(v)
+        starts, ends, axes, steps = params
         x, y = v.inputs[0], v.outputs[0]
         new_starts, new_ends, changed = list(starts), list(ends), False
         for k, axis in enumerate(axes):

@@ -119,13 +119,14 @@ class _Recurrent(OpRule):
         d, g, h, i = self._dims(v)
         if slot in ((v.inputs[X], 2), (v.inp(W), 2)):
             return [identity((v.inputs[X], 2), (v.inp(W), 2), i)]
-        if slot in self._hidden_slots(v):
-            return self._unit_ties(v, g, h)
+        hidden = self._hidden_slots(v)
+        if slot in hidden:
+            return self._unit_ties(v, g, h, hidden)
         if slot[0] in (v.inp(INIT_H), v.inp(INIT_C)) and slot[1] == 2:
             return []  # a zero initial state is dropped by `update`, not sliced
         return Freeze(f"{v.op} does not carry units on axis {slot[1]} of {slot[0]}")
 
-    def _unit_ties(self, v: NodeView, g: int, h: int) -> list[Tie]:
+    def _unit_ties(self, v: NodeView, g: int, h: int, hidden: list[Slot]) -> list[Tie]:
         """Tie each unit (the hub: its column of R) to its rows, bias entries and state positions."""
         hub = (v.inp(R), 2)
         unit = np.arange(h)
@@ -138,7 +139,7 @@ class _Recurrent(OpRule):
             ties.append(Tie(hub, (v.inp(B), 1), *blocks(2 * g)))
         if v.op == "LSTM" and v.inp(P):
             ties.append(Tie(hub, (v.inp(P), 1), *blocks(3)))
-        for s in self._hidden_slots(v):
+        for s in hidden:
             if s[0] not in (v.inp(W), v.inp(R), v.inp(B), v.inp(P) if v.op == "LSTM" else None):
                 ties.append(identity(hub, s, h))
         return ties

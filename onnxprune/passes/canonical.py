@@ -41,7 +41,7 @@ def split_shared_constants(graph: gs.Graph) -> None:
     """Give every extra reader of a small multi-element constant its own copy."""
     for node in list(graph.nodes):  # Identity(initializer) is a shared constant by another name
         if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) and node.outputs[0] not in graph.outputs:
-            _replace(node.outputs[0], node.inputs[0])
+            replace_uses(node.outputs[0], node.inputs[0])
             node.outputs.clear()
     uses: dict[str, int] = {}
     for node in graph.nodes:
@@ -143,7 +143,8 @@ def _target(reshape: gs.Node, opset: int) -> list | None:
     return None if entries is None else [Known(e.value) if isinstance(e, Known) else e for e in entries]
 
 
-def _replace(old: gs.Tensor, new: gs.Tensor) -> None:
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every reader of `old` reads `new` instead."""
     for consumer in list(old.outputs):
         for i, inp in enumerate(consumer.inputs):
             if inp is old:

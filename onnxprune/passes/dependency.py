@@ -200,8 +200,9 @@ class _Walk:
             domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx", None) else ""
             self.frozen[slot].append(f"{where}: no channel rule for {node.op}{domain}")
             return []
+        view = NodeView(node, self.tensors, self.opset, self.seen, self.settled, self.gqa)
         try:
-            result = rule.ties(NodeView(node, self.tensors, self.opset, self.seen, self.settled, self.gqa), slot)
+            result = rule.ties(view, slot)
         except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
             result = Freeze(f"rule could not read the node ({type(exc).__name__}: {exc})")
         if isinstance(result, Defer):
@@ -212,7 +213,7 @@ class _Walk:
             return []
         self.node_ties[node.name].extend(result)
         # Asked even when no tie comes back: channels may end at a normalisation statistic.
-        reason = rule.lossy_reason(NodeView(node, self.tensors, self.opset), slot)
+        reason = rule.lossy_reason(view, slot)
         if reason:
             self.lossy[slot].append(f"{where}: {reason}")
         return list(result)
@@ -297,7 +298,7 @@ def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         label = new
 
 
-def _unique(values: np.ndarray) -> np.ndarray:
+def unique_sorted(values: np.ndarray) -> np.ndarray:
     """Sorted distinct values. np.unique's hash path (numpy >= 2.3) is ~100x slower than a sort
     on the million-element label arrays of transformer models."""
     ordered = np.sort(values)
@@ -308,7 +309,7 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
             walk: _Walk) -> list[ChannelGroup]:
     slot_id = np.repeat(np.arange(len(slots)), [sizes[s] for s in slots])
     n_slots = max(len(slots), 1)
-    pairs = _unique(labels * n_slots + slot_id)
+    pairs = unique_sorted(labels * n_slots + slot_id)
     comp, comp_slot = pairs // n_slots, pairs % n_slots
     starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]]) if len(comp) else comp  # no slots at all
     gid_of, first_slot = _signature_groups(comp_slot, starts, n_slots)

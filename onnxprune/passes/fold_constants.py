@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 
 from onnxprune.ir import export_structure, infer_shapes, opset_version, to_graph
+from onnxprune.passes.canonical import replace_uses
 from onnxprune.static_shapes import ProbeRuns
 
 LAYOUT_OPS = {"Gather", "Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity",
@@ -53,11 +54,7 @@ def fold_constants(graph: gs.Graph, opset: int) -> FoldResult:
         if values is None:
             continue
         for out, value in zip(list(node.outputs), values):
-            const = gs.Constant(out.name, np.asarray(value))
-            for consumer in list(out.outputs):
-                for i, inp in enumerate(consumer.inputs):
-                    if inp is out:
-                        consumer.inputs[i] = const
+            replace_uses(out, gs.Constant(out.name, np.asarray(value)))
         node.outputs.clear()
         folded += 1
     if folded:

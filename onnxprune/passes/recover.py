@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.ops import Slot
 from onnxprune.passes.dependency import Analysis
 from onnxprune.passes.rewrite import contraction_slots, node_context, removed_elements
-from onnxprune.passes.stats import RowSource, Statistics
+from onnxprune.passes.stats import RowSource, Statistics, augment
 
 RecoverMethod = Literal["none", "bias", "lstsq", "lstsq-seq"]
 RECOVER_METHODS: tuple[str, ...] = get_args(RecoverMethod)
@@ -46,25 +46,25 @@ def batchnorm_values(analysis: Analysis) -> dict[Slot, np.ndarray]:
     """Data-free expected values of contraction slots fed (through ReLU, pooling and reshapes) by a
     BatchNormalization; NaN (no compensation) where no such BN is found."""
     values: dict[Slot, np.ndarray] = {}
+    slots, tensors = contraction_slots(analysis), analysis.graph.tensors()
     for group in analysis.prunable:
         by_slot = {m.slot: m for m in group.members}
-        for slot in contraction_slots(analysis):
+        for slot in slots:
             if slot not in by_slot:
                 continue
-            found = _bn_source(analysis, slot[0])
+            found = _bn_source(tensors, slot[0])
             if found is None or (found[0], 1) not in by_slot:
                 continue
             bn, relu = found
-            unit_vals = _bn_unit_means(analysis, bn, by_slot[(bn, 1)], group.size, relu)
+            unit_vals = _bn_unit_means(tensors[bn].inputs[0], by_slot[(bn, 1)], group.size, relu)
             member = by_slot[slot]
             out = values.setdefault(slot, np.full(analysis.slot_sizes[slot], np.nan))
             out[member.elem] = unit_vals[member.unit]
     return values
 
 
-def _bn_source(analysis: Analysis, name: str) -> tuple[str, bool] | None:
+def _bn_source(tensors: dict[str, gs.Tensor], name: str) -> tuple[str, bool] | None:
     """(BN output tensor, whether a ReLU follows it) on the single-input path producing `name`."""
-    tensors = analysis.graph.tensors()
     relu = False
     while True:
         tensor = tensors.get(name)
@@ -80,8 +80,8 @@ def _bn_source(analysis: Analysis, name: str) -> tuple[str, bool] | None:
         name = node.inputs[0].name
 
 
-def _bn_unit_means(analysis: Analysis, bn_out: str, member, size: int, relu: bool) -> np.ndarray:
-    node = analysis.graph.tensors()[bn_out].inputs[0]
+def _bn_unit_means(node: gs.Node, member, size: int, relu: bool) -> np.ndarray:
+    """Expected value of each unit after the BatchNormalization `node` (β, or the rectified mean)."""
     gamma, beta = (np.asarray(node.inputs[i].values, dtype=np.float64) if isinstance(node.inputs[i], gs.Constant)
                    else None for i in (1, 2))
     unit = np.full(size, np.nan)
@@ -151,14 +151,7 @@ def _solve(gram: np.ndarray, rows: float, keep: np.ndarray, target: np.ndarray, 
     """argmin_θ E‖x̃[keep]·θ - x̃·target‖² + λ‖θ_weights‖², x̃ = [x, 1], from Σ x̃x̃ᵀ."""
     c = gram / max(rows, 1.0)
     idx = np.append(keep, c.shape[0] - 1)
-    a = c[np.ix_(idx, idx)]
-    reg = ridge * max(float(np.mean(np.diag(a)[:-1])) if len(keep) else 0.0, 1e-12)
-    a = a + np.diag(np.append(np.full(len(keep), reg), 0.0))
-    b = c[idx] @ target
-    try:
-        return np.linalg.solve(a, b)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(a, b, rcond=None)[0]
+    return _solve_cross(c[np.ix_(idx, idx)], c[idx], target, ridge)
 
 
 def _fit(analysis: Analysis, node: gs.Node, stats: Statistics, slot: Slot, gone: np.ndarray,
@@ -287,20 +280,23 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
     from onnxprune.verify import session
 
     graph.toposort()
-    position = {n.name: k for k, n in enumerate(graph.nodes)}
+    nodes = {n.name: n for n in graph.nodes}
+    position = {name: k for k, name in enumerate(nodes)}
     names, opset = model_inputs(original), opset_version(original)
+    # Fits never rewire a layer's input, so one session of the original serves every layer.
+    run_o = session(expose_outputs(original, sorted({nodes[f.node].inputs[0].name for f in fits})))
     for fit in progress(sorted(fits, key=lambda f: position[f.node]), "sequential re-fit", quiet, unit="layer"):
-        node = next(n for n in graph.nodes if n.name == fit.node)
+        node = nodes[fit.node]
         x = node.inputs[0].name
         pruned = gs.export_onnx(graph, do_type_check=False)
         pruned.ir_version = original.ir_version
         del pruned.opset_import[:]
         pruned.opset_import.extend(original.opset_import)
-        run_p, run_o = session(expose_outputs(pruned, [x])), session(expose_outputs(original, [x]))
-        src = RowSource.of(NodeView(node, graph.tensors(), opset))
+        run_p = session(expose_outputs(pruned, [x]))
+        src = RowSource.of(NodeView(node, {t.name: t for t in (*node.inputs, *node.outputs)}, opset))
         own, cross, count = None, None, 0.0
         for batch in iter_batches(data, names, batch_size_for(original)):
-            rows_p, rows_o = (_augment(s.rows(r.run([x], batch)[0])) for s, r in ((src, run_p), (fit.source, run_o)))
+            rows_p, rows_o = (augment(s.rows(r.run([x], batch)[0])) for s, r in ((src, run_p), (fit.source, run_o)))
             own = rows_p.transpose(0, 2, 1) @ rows_p + (0 if own is None else own)
             cross = rows_p.transpose(0, 2, 1) @ rows_o + (0 if cross is None else cross)
             count += rows_p.shape[1]
@@ -312,10 +308,6 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
             weight, bias = thetas[0][:-1], thetas[0][-1]
         apply_fits(graph, [Fit(fit.node, fit.op, weight, bias, fit.kept_outputs)])
     return len(fits)
-
-
-def _augment(rows: np.ndarray) -> np.ndarray:
-    return np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
 
 
 def _solve_cross(own: np.ndarray, cross: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import InternalError, OnnxPruneError
 from onnxprune.ir import array_to_tensor, tensor_to_array
 from onnxprune.ops import Slot
-from onnxprune.passes.dependency import Analysis, rule_for
+from onnxprune.passes.dependency import Analysis, rule_for, unique_sorted
 
 
 class Edit:
@@ -117,13 +117,7 @@ def removed_elements(analysis: Analysis, units: dict[int, np.ndarray]) -> dict[S
         is_gone[gone] = True
         for member in group.members:
             removed[member.slot].append(member.elem[is_gone[member.unit]])
-    return {slot: _sorted_distinct(np.concatenate(parts)) for slot, parts in removed.items()}
-
-
-def _sorted_distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique of a small index array without its per-call overhead (hash table, then sort)."""
-    ordered = np.sort(values)
-    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
+    return {slot: unique_sorted(np.concatenate(parts)) for slot, parts in removed.items()}
 
 
 def contraction_slots(analysis: Analysis) -> dict[Slot, list[gs.Node]]:

@@ -330,6 +330,11 @@ def collect(model: onnx.ModelProto, analysis: Analysis, data: DataSource, *, gra
     return stats
 
 
+def augment(rows: np.ndarray) -> np.ndarray:
+    """Rows x with a constant 1 appended, x̃ = [x, 1]: the bias is one more weight to fit."""
+    return np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
+
+
 def _accumulate(stats: Statistics, values: dict[str, np.ndarray], slots: list[Slot],
                 sources: dict[str, RowSource]) -> None:
     for slot in slots:
@@ -337,7 +342,7 @@ def _accumulate(stats: Statistics, values: dict[str, np.ndarray], slots: list[Sl
         stats.slots[slot] = stats.slots[slot] + part if slot in stats.slots else part
     for name, src in sources.items():
         rows = src.rows(values[src.input])
-        aug = np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
+        aug = augment(rows)
         part = GramStats(np.matmul(aug.transpose(0, 2, 1), aug), float(rows.shape[1]))
         stats.grams[name] = stats.grams[name] + part if name in stats.grams else part
 
