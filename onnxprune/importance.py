@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InputError
 from onnxprune.ir import constant_array
+from onnxprune.ops.base import per_element
 from onnxprune.passes.dependency import Analysis, ChannelGroup, Member
 
 if TYPE_CHECKING:
@@ -77,8 +78,10 @@ class ScoringContext:
             if power != 1 or w.dtype != np.float32:  # float32 |w| is exact; squares and ints go to float64
                 w = w.astype(np.float64)
             magnitude = np.abs(w) if power == 1 else np.square(w)
-            for axis in sorted(self._axes.get(name, set()) | {slot[1]}):
-                if axis < w.ndim:
+            for axis in self._axes.get(name, set()) | {slot[1]}:
+                if isinstance(axis, tuple):  # a paired slot: (direction, unit) positions
+                    self._sums[((name, axis), power)] = per_element(magnitude, axis).sum(1, dtype=np.float64)
+                elif axis < w.ndim:
                     self._sums[((name, axis), power)] = _sum_but(magnitude, axis)
         return self._sums[(slot, power)]
 
@@ -206,7 +209,7 @@ def wanda(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
 def _unit_rows(member: Member, size: int, ctx: ScoringContext) -> np.ndarray | None:
     """[channel, features] slices of a weight member, or None when channels own unequal slices."""
     w = ctx.values(member.slot[0])
-    per_elem = np.moveaxis(w, member.slot[1], 0).reshape(w.shape[member.slot[1]], -1)
+    per_elem = per_element(w, member.slot[1])
     counts = np.bincount(member.unit, minlength=size)
     if np.any(counts != counts[0]) or counts[0] == 0:
         return None
@@ -242,7 +245,7 @@ def taylor(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
         w = ctx.values(m.slot[0])
         if grad.shape != w.shape:
             raise InputError(f"gradient of {m.slot[0]} has shape {grad.shape}, the weight {w.shape}")
-        prod = np.moveaxis(w * grad, m.slot[1], 0).reshape(w.shape[m.slot[1]], -1).sum(1)
+        prod = per_element(w * grad, m.slot[1]).sum(1)
         total += np.bincount(m.unit, weights=prod[m.elem], minlength=group.size)
         used += 1
     if not used:

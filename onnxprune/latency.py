@@ -39,7 +39,7 @@ from onnx import helper
 
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
-from onnxprune.plan import GroupPlan, Plan, lowest_units, keep_count, normalise_scores
+from onnxprune.plan import GroupPlan, Plan, keep_count, normalise_scores, planned_units
 from onnxprune.verify import random_inputs, session
 
 TABLE_FORMAT = "onnxprune-latency-table"
@@ -450,7 +450,7 @@ def round_plan(analysis: Analysis, scores: dict[int, np.ndarray], plan: Plan, ta
             out.groups.append(entry)
             continue
         keep = auto_count(*curve, planned=group.size - len(entry.remove))
-        out.groups.append(GroupPlan(entry.key, group.size, lowest_units(scores[group.id], group.size - keep)))
+        out.groups.append(GroupPlan(entry.key, group.size, planned_units(group, scores[group.id], keep)))
     return out
 
 
@@ -488,7 +488,7 @@ def latency_plan(analysis: Analysis, scores: dict[int, np.ndarray], table: Laten
             break
         keep[best[1]] = best[2]
         now -= best[3]
-    plan = Plan([GroupPlan(g.key, g.size, lowest_units(scores[g.id], g.size - keep[g.key])) for g in groups])
+    plan = Plan([GroupPlan(g.key, g.size, planned_units(g, scores[g.id], keep[g.key])) for g in groups])
     return plan, now / full
 
 

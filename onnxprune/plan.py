@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.errors import InputError
-from onnxprune.passes.dependency import Analysis
+from onnxprune.passes.dependency import Analysis, ChannelGroup
 
 PLAN_FORMAT = "onnxprune-plan"
 PLAN_VERSION = 1
@@ -74,6 +74,7 @@ class Plan:
             remove = np.array(entry.remove, dtype=np.int64)
             if remove.min() < 0 or remove.max() >= group.size or len(set(entry.remove)) == group.size:
                 raise InputError(f"plan group {entry.key}: channel indices out of range or nothing kept")
+            _check_parts(group, remove)
             resolved[group.id] = remove
         return resolved
 
@@ -84,6 +85,38 @@ def keep_count(size: int, ratio: float, round_to: int = 1, min_keep: int = 1) ->
     if round_to > 1 and size > round_to:
         keep = min(size, max(round_to, int(math.ceil(keep / round_to)) * round_to))
     return min(size, keep)
+
+
+def _check_parts(group: ChannelGroup, remove: np.ndarray) -> None:
+    """An equal-count group (a bidirectional layer's directions) must lose as many channels in
+    each part and keep at least one in each."""
+    if group.parts is None:
+        return
+    per_part = np.bincount(group.parts[remove], minlength=group.part_count)
+    if np.any(per_part != per_part[0]) or per_part[0] >= group.size // group.part_count:
+        raise InputError(f"plan group {group.key} removes {per_part.tolist()} channels from its "
+                         f"{group.part_count} parts (directions): every part must lose the same number "
+                         "and keep at least one")
+
+
+def group_keep(group: ChannelGroup, ratio: float, round_to: int = 1, min_keep: int = 1) -> int:
+    """Channels a group keeps when removing `ratio` of them; an equal-count group keeps
+    `keep_count` of each part (rounded per part), so the total is a multiple of the parts."""
+    parts = group.part_count
+    return parts * keep_count(group.size // parts, ratio, round_to, min_keep)
+
+
+def planned_units(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
+    """The lowest-scored channels of a group, leaving `keep`. An equal-count group keeps
+    ceil(keep / parts) channels in each part and removes each part's own lowest-scored ones."""
+    if group.parts is None:
+        return lowest_units(scores, group.size - keep)
+    per_part = -(-keep // group.part_count)
+    removed: list[int] = []
+    for part in range(group.part_count):
+        members = np.flatnonzero(group.parts == part)
+        removed.extend(int(members[i]) for i in lowest_units(scores[members], max(len(members) - per_part, 0)))
+    return sorted(removed)
 
 
 def lowest_units(scores: np.ndarray, count: int) -> list[int]:
@@ -104,8 +137,8 @@ def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float
     _check_ratio(ratio)
     plan = Plan()
     for group in analysis.prunable:
-        keep = keep_count(group.size, ratio, round_to)
-        plan.groups.append(GroupPlan(group.key, group.size, lowest_units(scores[group.id], group.size - keep)))
+        keep = group_keep(group, ratio, round_to)
+        plan.groups.append(GroupPlan(group.key, group.size, planned_units(group, scores[group.id], keep)))
     return plan
 
 
@@ -120,7 +153,7 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
     owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(groups)])
     flat = np.concatenate(normed)
     budget = int(math.floor(len(flat) * ratio + 1e-9))
-    caps = [group.size - keep_count(group.size, max_ratio) for group in groups]
+    caps = [group.size - group_keep(group, max_ratio) for group in groups]
     removed = [0] * len(groups)
     for idx in np.argsort(flat, kind="stable"):
         if budget <= 0:
@@ -131,8 +164,8 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
             budget -= 1
     plan = Plan()
     for k, group in enumerate(groups):
-        keep = keep_count(group.size, removed[k] / group.size, round_to)
-        plan.groups.append(GroupPlan(group.key, group.size, lowest_units(scores[group.id], group.size - keep)))
+        keep = group_keep(group, removed[k] / group.size, round_to)
+        plan.groups.append(GroupPlan(group.key, group.size, planned_units(group, scores[group.id], keep)))
     return plan
 
 
@@ -163,7 +196,7 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
     groups = analysis.prunable
     cost = CostModel(analysis)
     owner, channel = _global_order(groups, scores)
-    caps = np.array([g.size - keep_count(g.size, max_ratio) for g in groups])
+    caps = np.array([g.size - group_keep(g, max_ratio) for g in groups], dtype=np.int64)
 
     def counts_for(k: int) -> np.ndarray:
         used = np.zeros(len(groups), dtype=np.int64)
@@ -177,9 +210,9 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
         return used
 
     def units_of(used: np.ndarray) -> dict[int, np.ndarray]:
-        counts = [g.size - keep_count(g.size, used[j] / g.size, round_to) for j, g in enumerate(groups)]
-        return {g.id: np.array(lowest_units(scores[g.id], counts[j]), dtype=np.int64)
-                for j, g in enumerate(groups) if counts[j]}
+        keeps = [group_keep(g, used[j] / g.size, round_to) for j, g in enumerate(groups)]
+        return {g.id: np.array(planned_units(g, scores[g.id], keeps[j]), dtype=np.int64)
+                for j, g in enumerate(groups) if keeps[j] < g.size}
 
     def kept(used: np.ndarray) -> tuple[float, float]:
         return cost.evaluate(units_of(used))

@@ -83,7 +83,8 @@ def analysis_listing(analysis: Analysis) -> str:
         if g.prunable and g.lossy_only:  # frozen by --lossless
             state += " (lossy only: " + "; ".join(g.lossy_only) + ")"
         who = ", ".join(g.producers[:3]) + (" …" if len(g.producers) > 3 else "")
-        lines.append(f"  [{g.id}] {g.key}  channels={g.size}  producers={who or '-'}  {state}")
+        size = f"{g.size}" if g.parts is None else f"{g.size} ({g.part_count} parts of {g.size // g.part_count}, equal counts)"
+        lines.append(f"  [{g.id}] {g.key}  channels={size}  producers={who or '-'}  {state}")
     return "\n".join(lines)
 
 
@@ -91,7 +92,7 @@ def analysis_json(analysis: Analysis) -> dict:
     return {
         "groups_total": len(analysis.groups),
         "groups_prunable": len(analysis.prunable),
-        "groups": [{"id": g.id, "key": g.key, "channels": g.size, "producers": g.producers,
+        "groups": [{"id": g.id, "key": g.key, "channels": g.size, "parts": g.part_count, "producers": g.producers,
                     "prunable": g.prunable, "frozen": sorted(set(g.frozen)),
                     "members": [{"tensor": m.slot[0], "axis": m.slot[1], "role": m.role,
                                  "elements": int(len(m.elem))} for m in g.members]}

@@ -20,7 +20,7 @@ from onnxprune.data import batch_size_for, is_one_shot, iter_batches, model_inpu
 from onnxprune.errors import InputError
 from onnxprune.ir import atomic_write_bytes
 from onnxprune.passes.dependency import Analysis
-from onnxprune.plan import GroupPlan, Plan, lowest_units, keep_count
+from onnxprune.plan import GroupPlan, Plan, group_keep, planned_units
 from onnxprune.progress import progress
 from onnxprune.verify import random_inputs, session, top1_accuracy
 
@@ -188,8 +188,7 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
         curve = GroupCurve(group.key, list(group.producers), group.size, list(ratios), [],
                            [] if base is not None else None)
         for ratio in ratios:
-            count = group.size - keep_count(group.size, ratio)
-            remove = lowest_units(scores[group.id], count)
+            remove = planned_units(group, scores[group.id], group_keep(group, ratio))
             plan = Plan([GroupPlan(group.key, group.size, remove)])
             # lstsq-seq re-reads the calibration data layer by layer, so it must travel along
             pruned = prune(original, plan=plan, stats=calib.stats, recover=calib.recover,
@@ -226,10 +225,11 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
     curves = {c.key: c for c in sens.groups}
     cost = CostModel(analysis)
     counts = {g.id: 0 for g in groups}
-    caps = {g.id: g.size - keep_count(g.size, max_ratio) for g in groups}
+    caps = {g.id: g.size - group_keep(g, max_ratio) for g in groups}
 
     def units(c: dict[int, int]) -> dict[int, np.ndarray]:
-        return {g.id: np.array(lowest_units(scores[g.id], c[g.id]), dtype=np.int64) for g in groups if c[g.id]}
+        return {g.id: np.array(planned_units(g, scores[g.id], g.size - c[g.id]), dtype=np.int64)
+                for g in groups if c[g.id]}
 
     def meets(c: dict[int, int]) -> bool:
         macs, params = cost.evaluate(units(c))
@@ -276,7 +276,7 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
         if fitting:
             counts = max(fitting, key=objective)
     if round_to > 1:
-        counts = {g.id: g.size - keep_count(g.size, counts[g.id] / g.size, round_to) for g in groups}
+        counts = {g.id: g.size - group_keep(g, counts[g.id] / g.size, round_to) for g in groups}
     chosen = units(counts)
     plan = Plan([GroupPlan(g.key, g.size, [int(u) for u in chosen.get(g.id, [])]) for g in groups])
     return plan, sens

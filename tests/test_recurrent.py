@@ -23,6 +23,7 @@ from builders import GraphBuilder
 from onnxprune.ir import ModelMeta, from_graph, to_graph
 from onnxprune.passes.fold_constants import fold_constants, folded_graph
 from onnxprune.passes.rewrite import removed_elements
+from onnxprune.plan import GroupPlan
 from onnxprune.verify import random_inputs, session
 from reference import masked_reference
 
@@ -95,12 +96,12 @@ def masked_recurrent_reference(model: onnx.ModelProto, result: onnxprune.PruneRe
     for node in masked.graph.node:
         if node.op_type not in GATES:
             continue
-        gone = removed.get((node.input[2], 2))
         init = next(t for t in masked.graph.initializer if t.name == node.input[2])
-        if gone is not None:
-            arr = numpy_helper.to_array(init).copy()
-            arr[:, :, gone] = 0
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        arr = numpy_helper.to_array(init).copy()
+        arr[:, :, removed.get((node.input[2], 2), [])] = 0  # plain slot: unit j of every direction
+        for e in removed.get((node.input[2], (0, 2)), []):  # paired slot: element d*H + j
+            arr[e // arr.shape[2], :, e % arr.shape[2]] = 0
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
     return masked
 
 
@@ -162,16 +163,68 @@ def test_clip_and_activations():
                                activation_alpha=[0.2]))
 
 
-def test_units_of_one_layer_form_one_group_with_both_directions():
+def test_each_direction_is_a_part_of_one_equal_count_group():
     model = recurrent_model("LSTM", "bidirectional", states=True, peephole=True)
     node = recurrent_node(model)
-    group = next(g for g in onnxprune.analyze(model).groups if any(m.slot == (node.input[2], 2) for m in g.members))
-    assert group.prunable and group.size == H
-    slots = {m.slot for m in group.members}
-    assert {(node.input[1], 1), (node.input[2], 1), (node.input[3], 1), (node.input[7], 1),
-            (node.input[5], 2), (node.input[6], 2), (node.output[0], 3), (node.output[1], 2)} <= slots
+    hub = (node.input[2], (0, 2))
+    group = next(g for g in onnxprune.analyze(model).groups if any(m.slot == hub for m in g.members))
+    assert group.prunable and group.size == 2 * H and group.part_count == 2
+    paired = {(node.input[k], (0, 1)) for k in (1, 2, 3, 7)} | {(node.input[k], (0, 2)) for k in (5, 6)}
+    assert paired | {(node.output[0], (1, 3)), (node.output[1], (0, 2))} <= {m.slot for m in group.members}
+    hub_member = next(m for m in group.members if m.slot == hub)
+    np.testing.assert_array_equal(group.parts[hub_member.unit], hub_member.elem // H)  # direction of each unit
     weights = {m.slot[0] for m in group.weight_members()}
     assert {node.input[1], node.input[2]} <= weights  # every gate row and the R column score the unit
+
+
+def _plant_dead(model: onnx.ModelProto, dead: dict[int, list[int]]) -> onnx.ModelProto:
+    """Zero the candidate rows and biases of `dead[d]` units in direction d only."""
+    node = recurrent_node(model)
+    g, c = GATES[node.op_type], CANDIDATE[node.op_type]
+    inits = {t.name: t for t in model.graph.initializer}
+    for index in (1, 2, 3):
+        arr = numpy_helper.to_array(inits[node.input[index]]).copy()
+        for d, units in dead.items():
+            for u in units:
+                blocks = (c, g + c) if index == 3 else (c,)
+                arr[d, [k * H + u for k in blocks]] = 0
+        inits[node.input[index]].CopyFrom(numpy_helper.from_array(arr, node.input[index]))
+    return model
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_directions_lose_different_dead_units(op):
+    """Dead units differ per direction: lossless removes min(count) of each direction's own dead ones."""
+    model = _plant_dead(recurrent_model(op, "bidirectional", states=False), {0: [0, 2, 5], 1: [1, 4]})
+    result = onnxprune.prune(model, lossless=True)
+    assert hidden_size(result.model) == H - 2
+    _assert_same_outputs(model, result.model)
+    node = recurrent_node(model)
+    entry = next(e for e in result.plan.groups if e.key.startswith(node.output[0]))
+    assert len(entry.remove) == 4
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_directions_keep_equal_counts_of_their_own_units(scope):
+    model = recurrent_model("GRU", "bidirectional", seed=4)
+    result = onnxprune.prune(model, ratio=0.5, scope=scope, round_to=2)
+    assert hidden_size(result.model) % 2 == 0
+    assert_matches_recurrent_reference(model, result)
+    analysis = onnxprune.analyze(model)
+    group = next(g for g in analysis.prunable if g.parts is not None)
+    removed = result.plan.resolve(analysis)[group.id]
+    per_dir = [sorted(int(u) % H for u in removed if group.parts[u] == d) for d in (0, 1)]
+    assert len(per_dir[0]) == len(per_dir[1])
+
+
+def test_plan_with_unequal_direction_counts_is_refused():
+    model = recurrent_model("LSTM", "bidirectional")
+    analysis = onnxprune.analyze(model)
+    group = next(g for g in analysis.prunable if g.parts is not None)
+    forward = [int(u) for u in np.flatnonzero(group.parts == 0)[:2]]
+    plan = onnxprune.Plan([GroupPlan(group.key, group.size, forward)])
+    with pytest.raises(onnxprune.InputError, match="every part must lose the same number"):
+        onnxprune.prune(model, plan=plan)
 
 
 def test_input_features_shrink_with_the_producer():

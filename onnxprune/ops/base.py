@@ -19,8 +19,23 @@ from onnx.defs import onnx_opset_version
 if TYPE_CHECKING:
     from onnxprune.passes.rewrite import Edit
 
-Slot = tuple[str, int]
-"""A channel slot: (tensor name, non-negative axis)."""
+Slot = "tuple[str, int] | tuple[str, tuple[int, int]]"
+"""A channel slot: (tensor name, non-negative axis). A *paired* slot names two axes (outer, inner):
+its elements are the flattened positions outer * inner_size + inner (a bidirectional recurrent
+layer's (direction, unit): each direction's units are channels of their own)."""
+
+
+def slot_axes(slot: Slot) -> tuple[int, ...]:
+    """The axes a slot spans: one, or two for a paired slot."""
+    return slot[1] if isinstance(slot[1], tuple) else (slot[1],)
+
+
+def per_element(array: np.ndarray, axis: "int | tuple[int, ...]") -> np.ndarray:
+    """[elements, rest]: the slot's axes moved to the front and flattened (a paired slot's outer
+    axis first), the other axes flattened behind them."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    moved = np.moveaxis(array, axes, tuple(range(len(axes))))
+    return moved.reshape(int(np.prod([array.shape[a] for a in axes], dtype=np.int64)), -1)
 
 
 @dataclass(frozen=True)
@@ -127,10 +142,10 @@ class NodeView:
     def dim(self, slot: Slot) -> int | None:
         """Static size of the slot's axis, or None."""
         shape = self.shape(slot[0])
-        if shape is None or slot[1] >= len(shape):
+        if shape is None or max(slot_axes(slot)) >= len(shape):
             return None
-        d = shape[slot[1]]
-        return int(d) if isinstance(d, (int, np.integer)) else None
+        dims = [shape[a] for a in slot_axes(slot)]
+        return int(np.prod(dims)) if all(isinstance(d, (int, np.integer)) for d in dims) else None
 
     def is_const(self, name: str | None) -> bool:
         return name is not None and isinstance(self.tensors.get(name), gs.Constant)

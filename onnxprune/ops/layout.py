@@ -16,7 +16,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InternalError
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
-from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
+from onnxprune.ops.base import (Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register,
+                                slot_axes)
 from onnxprune.ops.shape_values import Dim, Known, dim_readers, reads, shape_value
 
 
@@ -105,7 +106,10 @@ class ReshapeLike(OpRule):
             ys = _target_dims(v, xs, ys)
         if xs is None or ys is None:
             return Freeze(f"{v.op} shapes unknown")
-        if slot[0] == x:
+        paired = _paired_ties(slot, x, xs, y, ys, v.known)
+        if paired is not None:
+            ties = paired
+        elif slot[0] == x:
             ties = reshape_ties(slot, xs, y, ys, v.known, v.settled)
         else:
             ties = reshape_ties(slot, ys, x, xs, v.known, v.settled)
@@ -129,6 +133,45 @@ class ReshapeLike(OpRule):
                 changed = True
         if changed:
             edit.set_input_const(v.node, 1, shape)
+
+
+def _paired_ties(slot: Slot, x: str, xs: tuple, y: str, ys: tuple, known) -> "list[Tie] | Freeze | None":
+    """Ties of a paired (direction, unit) slot through a reshape that keeps both axes, or merges
+    them in order into one axis (a bidirectional layer's [.., D, H] -> [.., D*H] features; element
+    d*H + j is the same on both sides). Asked from the merged side, the pair is used only when it is
+    already known; otherwise the plain rule ties unit j of both directions (None: not a pair case)."""
+    pin, pout = _cuts(xs), _cuts(ys)
+
+    def moved(axis: int) -> int | None:  # the output axis holding exactly input axis `axis`
+        for j in range(len(ys)):
+            if pin[axis] is not None and pin[axis] == pout[j] and pin[axis + 1] == pout[j + 1]:
+                return j
+        return None
+
+    def merged(a: int) -> int | None:  # the output axis holding exactly input axes a and a + 1
+        for j in range(len(ys)):
+            if pin[a] is not None and pin[a] == pout[j] and pin[a + 2] == pout[j + 1]:
+                return j
+        return None
+
+    if slot[0] == x and isinstance(slot[1], tuple):
+        a, b = slot[1]
+        n = int(np.prod([xs[a], xs[b]])) if isinstance(xs[a], int) and isinstance(xs[b], int) else None
+        if n is None:
+            return Freeze("size of a paired (direction, unit) slot unknown at reshape")
+        ja, jb = moved(a), moved(b)
+        if ja is not None and jb is not None:
+            return [identity(slot, (y, (ja, jb)), n)]
+        k = merged(a) if b == a + 1 else None
+        if k is not None:
+            return [identity(slot, (y, k), n)]
+        return Freeze("reshape moves a (direction, unit) pair in a way onnxprune does not follow")
+    if slot[0] == y and not isinstance(slot[1], tuple):
+        for a in range(len(xs) - 1):
+            pair = (x, (a, a + 1))
+            if pair in known and merged(a) == slot[1] and isinstance(ys[slot[1]], int):
+                return [identity(slot, pair, ys[slot[1]])]
+    return None
 
 
 def _target_dims(v: NodeView, xs: tuple, inferred: tuple | None) -> tuple | None:
@@ -296,8 +339,10 @@ class Transpose(OpRule):
         if n is None:
             return Freeze("unknown channel count at Transpose")
         if slot[0] == v.inputs[0]:
-            return [identity(slot, (v.outputs[0], perm.index(slot[1])), n)]
-        return [identity(slot, (v.inputs[0], perm[slot[1]]), n)]
+            axes = tuple(perm.index(a) for a in slot_axes(slot))  # a paired slot keeps its (outer, inner) order
+            return [identity(slot, (v.outputs[0], axes if len(axes) > 1 else axes[0]), n)]
+        axes = tuple(perm[a] for a in slot_axes(slot))
+        return [identity(slot, (v.inputs[0], axes if len(axes) > 1 else axes[0]), n)]
 
 
 @register("Concat")

@@ -5,11 +5,14 @@ its entries of B [D, 2*G*H] (the W-bias and R-bias halves), of the peephole P [D
 initial_h / initial_c [.., .., H] and its position in Y [.., .., .., H], Y_h and Y_c. The unit axis
 is the last axis of every state tensor in both layouts, so `layout` never changes the ties.
 
-Bidirectional layers: the two directions share the unit axis of Y, Y_h and Y_c, and exporters merge
-Y into 2*H features with a Reshape whose element ties pair forward unit j with backward unit j.
-A channel is therefore unit j *of both directions*: both directions keep the same count and the
-same indices, and a channel is scored by both directions' weights. (Keeping different units per
-direction would need slots spanning two axes; see docs/recurrent.md.)
+Bidirectional layers: each direction's units are channels of their own. The weights, states and
+outputs are named by *paired* slots (direction axis, unit axis), whose element d*H + j is unit j of
+direction d, so the union-find keeps forward unit j and backward unit j apart; Transpose and
+Reshape carry the pair to the 2*H merged features the next layer reads. The group then holds both
+directions with `parts` = the direction of each channel: plans keep the same count in each
+(`hidden_size` is one attribute) but choose the units per direction. A state or output read by an
+op that only knows single axes (a Gather of `h_n[-1]`) uses the plain unit axis, which ties unit j
+of both directions together, as before.
 
 A recurrence exported as a Loop or Scan body is frozen with a reason.
 """
@@ -20,6 +23,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
+
+PAIR_READERS = {"Transpose", "Reshape", "LSTM", "GRU", "RNN"}
+"""Ops whose rules follow a paired (direction, unit) slot; other readers get the plain unit axis."""
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 """Gate blocks per op, in ONNX order: LSTM i, o, f, c; GRU z, r, h; RNN one."""
@@ -82,18 +88,42 @@ class _Recurrent(OpRule):
             raise ValueError(f"weights do not match hidden_size {v.attr('hidden_size')}")
         return w[0], g, h, w[2]
 
+    def _paired(self, v: NodeView) -> bool:
+        w = v.shape(v.inp(W))
+        return w is not None and w[0] == 2
+
+    def _weight_slot(self, v: NodeView, name: str, axis: int) -> Slot:
+        """A weight axis, paired with the direction axis in a bidirectional layer."""
+        return (name, (0, axis)) if self._paired(v) else (name, axis)
+
+    def _hub(self, v: NodeView) -> Slot:
+        """Each unit's column of R: the slot every other unit slot is tied to."""
+        return self._weight_slot(v, v.inp(R), 2)
+
+    def _state_slot(self, v: NodeView, name: str, output: bool) -> Slot:
+        """The unit slot of a state ([D, B, H] / [B, D, H]) or of Y ([T, D, B, H] / [B, T, D, H]);
+        paired when the layer is bidirectional and every reader follows pairs."""
+        unit = (v.rank(name) or 3) - 1
+        if not self._paired(v):
+            return (name, unit)
+        tensor = v.tensors[name]
+        readers = tensor.outputs if output else tensor.inputs
+        if isinstance(tensor, gs.Constant) or all(n.op in PAIR_READERS for n in readers):
+            return (name, ((1 if unit == 3 else 0) + v.attr("layout", 0), unit))
+        return (name, unit)
+
     def _hidden_slots(self, v: NodeView) -> list[Slot]:
-        slots = [(v.inp(W), 1), (v.inp(R), 1), (v.inp(R), 2)]
+        slots = [self._weight_slot(v, v.inp(W), 1), self._weight_slot(v, v.inp(R), 1), self._hub(v)]
         if v.inp(B):
-            slots.append((v.inp(B), 1))
+            slots.append(self._weight_slot(v, v.inp(B), 1))
         if v.op == "LSTM" and v.inp(P):
-            slots.append((v.inp(P), 1))
+            slots.append(self._weight_slot(v, v.inp(P), 1))
         for index in self._state_inputs(v):
             if not _zero_state(v, index):
-                slots.append((v.inp(index), 2))
-        for index, name in enumerate(v.outputs):
+                slots.append(self._state_slot(v, v.inp(index), False))
+        for name in v.outputs:
             if name:
-                slots.append((name, 3 if index == 0 else 2))
+                slots.append(self._state_slot(v, name, True))
         return slots
 
     def _state_inputs(self, v: NodeView) -> list[int]:
@@ -102,8 +132,8 @@ class _Recurrent(OpRule):
     def seeds(self, v: NodeView) -> list[Slot]:
         if not (v.is_const(v.inp(W)) and v.is_const(v.inp(R))):
             return []
-        outputs = [(name, 3 if index == 0 else 2) for index, name in enumerate(v.outputs) if name]
-        return outputs[:1] or [(v.inp(R), 2)]
+        outputs = [self._state_slot(v, name, True) for name in v.outputs if name]
+        return outputs[:1] or [self._hub(v)]
 
     def roles(self, v: NodeView) -> dict[str, str]:
         roles = {v.inp(W): "weight", v.inp(R): "weight"}
@@ -121,37 +151,49 @@ class _Recurrent(OpRule):
             return [identity((v.inputs[X], 2), (v.inp(W), 2), i)]
         hidden = self._hidden_slots(v)
         if slot in hidden:
-            return self._unit_ties(v, g, h, hidden)
-        if slot[0] in (v.inp(INIT_H), v.inp(INIT_C)) and slot[1] == 2:
+            return self._unit_ties(v, d, g, h, hidden)
+        states = [n for n in (*v.outputs, *(v.inp(k) for k in self._state_inputs(v))) if n]
+        if slot[0] in states and slot[1] == (v.rank(slot[0]) or 0) - 1:  # the plain axis of a paired state
+            return [Tie(self._hub(v), slot, np.arange(d * h), np.tile(np.arange(h), d))]
+        if slot[0] in (v.inp(INIT_H), v.inp(INIT_C)):
             return []  # a zero initial state is dropped by `update`, not sliced
         return Freeze(f"{v.op} does not carry units on axis {slot[1]} of {slot[0]}")
 
-    def _unit_ties(self, v: NodeView, g: int, h: int, hidden: list[Slot]) -> list[Tie]:
-        """Tie each unit (the hub: its column of R) to its rows, bias entries and state positions."""
-        hub = (v.inp(R), 2)
-        unit = np.arange(h)
+    def _unit_ties(self, v: NodeView, d: int, g: int, h: int, hidden: list[Slot]) -> list[Tie]:
+        """Tie each unit (the hub: its column of R) to its rows, bias entries and state positions.
+        Paired slots hold every direction (element d*H + j); plain ones direction 0 only or, for
+        states of a bidirectional layer read by single-axis ops, unit j of all directions."""
+        hub = self._hub(v)
+        paired = isinstance(hub[1], tuple)
+        dirs = d if paired else 1
+        unit = np.arange(dirs * h)
+        direction, j = unit // h, unit % h
 
         def blocks(count: int) -> tuple[np.ndarray, np.ndarray]:
-            return np.tile(unit, count), (np.arange(count)[:, None] * h + unit[None, :]).reshape(-1)
+            rows = direction[None, :] * count * h + np.arange(count)[:, None] * h + j[None, :]
+            return np.tile(unit, count), rows.reshape(-1)
 
-        ties = [Tie(hub, (v.inp(W), 1), *blocks(g)), Tie(hub, (v.inp(R), 1), *blocks(g))]
+        ties = [Tie(hub, self._weight_slot(v, v.inp(W), 1), *blocks(g)),
+                Tie(hub, self._weight_slot(v, v.inp(R), 1), *blocks(g))]
         if v.inp(B):
-            ties.append(Tie(hub, (v.inp(B), 1), *blocks(2 * g)))
+            ties.append(Tie(hub, self._weight_slot(v, v.inp(B), 1), *blocks(2 * g)))
         if v.op == "LSTM" and v.inp(P):
-            ties.append(Tie(hub, (v.inp(P), 1), *blocks(3)))
+            ties.append(Tie(hub, self._weight_slot(v, v.inp(P), 1), *blocks(3)))
+        weights = {v.inp(W), v.inp(R), v.inp(B), v.inp(P) if v.op == "LSTM" else None}
         for s in hidden:
-            if s[0] not in (v.inp(W), v.inp(R), v.inp(B), v.inp(P) if v.op == "LSTM" else None):
-                ties.append(identity(hub, s, h))
+            if s[0] not in weights:
+                ties.append(Tie(hub, s, unit, unit if isinstance(s[1], tuple) or not paired else j))
         return ties
 
     def update(self, v: NodeView, edit) -> None:
-        new = edit.new_dim((v.inp(R), 2))
+        hub = self._hub(v)
+        new = edit.new_dim(hub)
         if new is not None:
-            edit.set_attr(v.node, "hidden_size", int(new))
+            edit.set_attr(v.node, "hidden_size", int(new) // (self._dims(v)[0] if isinstance(hub[1], tuple) else 1))
+        changed = {slot[0] for slot, gone in edit.removed.items() if len(gone)}
         for index in self._state_inputs(v):
             name = v.inp(index)
-            touched = any(edit.new_dim((name, axis)) for axis in range(v.rank(name) or 0)) if name else False
-            if name and _zero_state(v, index) and (new is not None or touched):
+            if name and _zero_state(v, index) and (new is not None or name in changed):
                 v.node.inputs[index] = gs.Variable.empty()  # absent initial state means zeros
 
     def contraction(self, v: NodeView) -> Slot | None:
@@ -171,10 +213,15 @@ class _Recurrent(OpRule):
         bias[:, :g * h] += delta
         name = edit.unique_name(f"{v.name}_bias_comp")
         edit.set_input_const(v.node, B, bias.astype(dtype), name)
-        edit.analysis.slot_sizes[(name, 1)] = 2 * g * h
-        rows = edit.removed.get((v.inp(R), 1))
+        rows_slot = self._weight_slot(v, v.inp(R), 1)
+        paired = isinstance(rows_slot[1], tuple)
+        bias_slot = (name, (0, 1)) if paired else (name, 1)
+        edit.analysis.slot_sizes[bias_slot] = (d if paired else 1) * 2 * g * h
+        rows = edit.removed.get(rows_slot)
         if rows is not None and len(rows):
-            edit.removed[(name, 1)] = np.concatenate([rows, rows + g * h])
+            direction, row = rows // (g * h), rows % (g * h)  # a W/R row -> its W-bias and R-bias entries
+            edit.removed[bias_slot] = np.sort(np.concatenate([direction * 2 * g * h + row,
+                                                              direction * 2 * g * h + g * h + row]))
 
     def propagate(self, v: NodeView, values: ValueTable) -> None:
         """A unit whose candidate stays 0 from a zero state outputs exactly 0 (Y, Y_h and Y_c)."""
@@ -185,33 +232,36 @@ class _Recurrent(OpRule):
         dead = self._dead_units(v, d, g, h)
         if dead is None:
             return
-        vals = np.where(dead, 0.0, np.nan)
-        for index, name in enumerate(v.outputs):
+        for name in v.outputs:
             if name:
-                values.set((name, 3 if index == 0 else 2), vals)
+                slot = self._state_slot(v, name, True)
+                per_slot = dead.reshape(-1) if isinstance(slot[1], tuple) else dead.all(axis=0)
+                values.set(slot, np.where(per_slot, 0.0, np.nan))
 
     def _dead_units(self, v: NodeView, d: int, g: int, h: int) -> np.ndarray | None:
+        """[D, H]: whether unit j of direction d provably stays 0."""
         readable = v.is_const(v.inp(W)) and v.is_const(v.inp(R)) and (v.inp(B) is None or v.is_const(v.inp(B)))
         if not readable or not self._candidate_zero_at_zero(v, d):
             return None
         c = CANDIDATE[v.op]
         w = v.const(v.inp(W))[:, c * h:(c + 1) * h, :]
         r = v.const(v.inp(R))[:, c * h:(c + 1) * h, :]
-        dead = ~np.any(w != 0, axis=(0, 2)) & ~np.any(r != 0, axis=(0, 2))
+        dead = ~np.any(w != 0, axis=2) & ~np.any(r != 0, axis=2)
         bias = v.const(v.inp(B)) if v.inp(B) else None
         if bias is not None:
             wb = bias[:, c * h:(c + 1) * h]
             rb = bias[:, (g + c) * h:(g + c + 1) * h]
             if v.op == "GRU" and v.attr("linear_before_reset", 0):
-                dead &= ~np.any(wb != 0, axis=0) & ~np.any(rb != 0, axis=0)  # r * Rb_h varies with r
+                dead &= (wb == 0) & (rb == 0)  # r * Rb_h varies with r
             else:
-                dead &= ~np.any((wb + rb) != 0, axis=0)  # ORT adds the two biases once, exactly
+                dead &= (wb + rb) == 0  # ORT adds the two biases once, exactly
         for index in self._state_inputs(v):
             if not _zero_state(v, index):
                 state = v.const(v.inp(index))
                 if state is None:
                     return None
-                dead &= ~np.any(state.reshape(-1, h) != 0, axis=0)
+                direction_axis = 1 if v.attr("layout", 0) else 0
+                dead &= ~np.any(np.moveaxis(state, direction_axis, 0) != 0, axis=1)
         return dead
 
     def _candidate_zero_at_zero(self, v: NodeView, d: int) -> bool:

@@ -98,9 +98,17 @@ def find_dead_channels(analysis: Analysis) -> DeadChannels:
                         removable[unit] = False
         if not any(m.slot in consumers for m in group.members):
             removable[:] = False  # channels that reach no weight layer: nothing proves them unused
-        dead = np.flatnonzero(removable)
+        dead = _equal_parts(group, removable) if group.parts is not None else np.flatnonzero(removable)
         if len(dead) == group.size:
             dead = dead[1:]  # a tensor keeps at least one channel
         if len(dead):
             units[group.id] = dead
     return DeadChannels(units, values)
+
+
+def _equal_parts(group, removable: np.ndarray) -> np.ndarray:
+    """Dead channels of an equal-count group: as many in each part (direction) as the part with the
+    fewest has, each part's own dead ones, and at least one channel kept per part."""
+    parts = [np.flatnonzero(removable & (group.parts == p)) for p in range(group.part_count)]
+    per_part = min(min(len(d) for d in parts), group.size // group.part_count - 1)
+    return np.sort(np.concatenate([d[:per_part] for d in parts]))

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InputError
 from onnxprune.ops import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie
-from onnxprune.ops.base import SUPPORTED_OPSETS, Defer
+from onnxprune.ops.base import SUPPORTED_OPSETS, Defer, slot_axes
 
 
 @dataclass
@@ -42,10 +42,19 @@ class ChannelGroup:
     lossy_only: list[str] = field(default_factory=list)
     """Reasons removing any channel changes the kept ones (normalisation statistics): lossless
     mode freezes the group with them."""
+    parts: np.ndarray | None = None
+    """Equal-count constraint: per channel, the part it belongs to (the direction of a bidirectional
+    recurrent layer, read from a paired slot); every part must keep as many channels as the others
+    (`hidden_size` is one attribute). None when the channels are free."""
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and self.size > 1
+        return not self.frozen and self.size > (1 if self.parts is None else self.part_count)
+
+    @property
+    def part_count(self) -> int:
+        """How many equal-count parts the channels form (1: no constraint)."""
+        return 1 if self.parts is None else int(self.parts.max()) + 1
 
     def weight_members(self, roles: tuple[str, ...] = ("weight",)) -> list[Member]:
         return [m for m in self.members if m.role in roles]
@@ -227,8 +236,9 @@ class _Walk:
                 extent[tie.b] = max(extent[tie.b], int(tie.b_idx.max()) + 1)
         for slot in self.order:
             shape = self.tensors[slot[0]].shape if slot[0] in self.tensors else None
-            dim = shape[slot[1]] if shape is not None and slot[1] < len(shape) else None
-            if isinstance(dim, (int, np.integer)) and dim >= extent[slot]:
+            dims = [shape[a] if shape is not None and a < len(shape) else None for a in slot_axes(slot)]
+            dim = int(np.prod(dims)) if all(isinstance(d, (int, np.integer)) for d in dims) else None
+            if dim is not None and dim >= extent[slot]:
                 sizes[slot] = int(dim)
             else:
                 sizes[slot] = extent[slot]
@@ -337,12 +347,37 @@ def _groups(labels: np.ndarray, slots: list[Slot], offsets: dict[Slot, int], siz
         group_members = members[gid]
         anchor = slots[first_slot[gid]]
         first = int(min(m.elem.min() for m in group_members if m.slot == anchor))
-        key = f"{anchor[0]}:{anchor[1]}" + (f"@{first}" if first else "")
+        axis = "+".join(map(str, anchor[1])) if isinstance(anchor[1], tuple) else anchor[1]  # paired: '1+3'
+        key = f"{anchor[0]}:{axis}" + (f"@{first}" if first else "")
         frozen = sorted({r for m in group_members for r in walk.frozen.get(m.slot, [])})
         producers = sorted({walk.seeded_by[m.slot] for m in group_members if m.slot in walk.seeded_by})
         lossy = sorted({r for m in group_members for r in walk.lossy.get(m.slot, [])})
-        groups.append(ChannelGroup(gid, key, count, group_members, producers, frozen, lossy))
+        group = ChannelGroup(gid, key, count, group_members, producers, frozen, lossy)
+        group.parts = _parts(group, walk.tensors)
+        groups.append(group)
     return groups
+
+
+def _parts(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> np.ndarray | None:
+    """Per channel, the outer index of the paired slots it lives in (a recurrent direction), or None
+    when the group has no paired slot or a channel spans several outer indices (directions tied)."""
+    part = np.full(group.size, -1, dtype=np.int64)
+    for m in group.members:
+        if not isinstance(m.slot[1], tuple):
+            continue
+        outer = m.elem // int(tensors[m.slot[0]].shape[m.slot[1][1]])
+        seen = part[m.unit]
+        if np.any((seen >= 0) & (seen != outer)):
+            return None
+        part[m.unit] = outer
+        if len({(int(u), int(o)) for u, o in zip(m.unit, outer)}) != len(np.unique(m.unit)):
+            return None  # one channel at two outer indices of the same slot
+    if np.any(part < 0) or len(np.unique(part)) < 2:
+        return None
+    counts = np.bincount(part)
+    if np.any(counts[counts > 0] != counts.max()):
+        group.frozen.append("the parts of an equal-count group (directions) hold different numbers of channels")
+    return part
 
 
 def _signature_groups(comp_slot: np.ndarray, starts: np.ndarray, n_slots: int) -> tuple[np.ndarray, list[int]]:

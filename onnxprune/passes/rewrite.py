@@ -222,11 +222,28 @@ def _without(array: np.ndarray, removed: dict[int, np.ndarray]) -> np.ndarray:
     indexes with it) and than np.take or one np.ix_ gather, measured on Conv, MatMul and embedding
     weights; the bytes are the same.
     """
-    for axis in sorted(removed):
+    for axis in [a for a in removed if isinstance(a, tuple)]:
+        array = _without_paired(array, axis, removed[axis])
+    for axis in sorted(a for a in removed if not isinstance(a, tuple)):
         keep = np.ones(array.shape[axis], dtype=bool)
         keep[removed[axis]] = False  # out-of-range indices raise IndexError, as np.delete does
         array = np.compress(keep, array, axis=axis)
     return np.ascontiguousarray(array)
+
+
+def _without_paired(array: np.ndarray, axes: tuple[int, int], removed: np.ndarray) -> np.ndarray:
+    """`array` without the flattened (outer, inner) positions `removed` of a paired slot: each outer
+    index (direction) loses its own inner indices (units), the same number for every outer index."""
+    outer, inner = axes
+    moved = np.moveaxis(array, (outer, inner), (0, 1))
+    keep = np.ones(moved.shape[0] * moved.shape[1], dtype=bool)
+    keep[removed] = False
+    keep = keep.reshape(moved.shape[:2])
+    counts = keep.sum(axis=1)
+    if np.any(counts != counts[0]):
+        raise InternalError(f"paired slot axes {axes}: the outer indices keep {counts.tolist()} inner ones")
+    kept = np.stack([moved[k][keep[k]] for k in range(moved.shape[0])])
+    return np.moveaxis(kept, (0, 1), (outer, inner))
 
 
 def _clear_shapes(graph: gs.Graph) -> None:

@@ -27,6 +27,7 @@ from onnxprune.data import DataSource, batch_size_for, count_samples, iter_batch
 from onnxprune.errors import InputError
 from onnxprune.ir import atomic_write_bytes
 from onnxprune.ops import Slot
+from onnxprune.ops.base import per_element
 from onnxprune.passes.dependency import Analysis
 from onnxprune.passes.rewrite import contraction_slots
 from onnxprune.progress import progress
@@ -51,8 +52,8 @@ class SlotStats:
     zeros: np.ndarray
 
     @classmethod
-    def of(cls, array: np.ndarray, axis: int) -> "SlotStats":
-        a = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
+    def of(cls, array: np.ndarray, axis: "int | tuple[int, int]") -> "SlotStats":
+        a = per_element(np.asarray(array, dtype=np.float64), axis)
         return cls(float(a.shape[1]), a.sum(1), np.abs(a).sum(1), (a * a).sum(1), (a == 0).sum(1).astype(np.float64))
 
     def __add__(self, other: "SlotStats") -> "SlotStats":
@@ -136,7 +137,7 @@ class Statistics:
                 meta = json.loads(str(npz["meta"]))
                 if meta.get("format") != STATS_FORMAT:
                     raise InputError(f"{path}: not an onnxprune statistics file")
-                slots = {(t, int(a)): SlotStats(float(npz[f"s{k}_count"]), npz[f"s{k}_sum"], npz[f"s{k}_abs"],
+                slots = {(t, tuple(a) if isinstance(a, list) else int(a)): SlotStats(float(npz[f"s{k}_count"]), npz[f"s{k}_sum"], npz[f"s{k}_abs"],
                                                 npz[f"s{k}_sq"], npz[f"s{k}_zeros"])
                          for k, (t, a) in enumerate(meta["slots"])}
                 grams = {n: GramStats(npz[f"g{k}"], float(npz[f"g{k}_rows"])) for k, n in enumerate(meta["grams"])}
