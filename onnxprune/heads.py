@@ -7,7 +7,9 @@ so `prune(..., head_ratio=r)` removes a fraction `r` of every head group while t
 follow `ratio`.
 
 A group is a *hidden group* when the Q/K/V projections of a head group read it: the residual
-stream, as is a group holding an embedding table's columns (its lookups start the stream).
+stream. A group holding an embedding table's columns is one too when its channels form a
+residual stream (a skip `Add` of two of its tensors, or a normalisation statistic over them);
+an embedding feeding a recurrent, convolutional or dense layer directly is an ordinary group.
 Removing hidden units changes every LayerNorm/RMSNorm statistic of the model, so it is opt-in
 (`prune(..., prune_hidden=True)`); by default `freeze_hidden` freezes it with a reason.
 """
@@ -37,20 +39,34 @@ def group_kind(analysis: Analysis, group: ChannelGroup, heads: "set[Slot] | None
 
 def hidden_groups(analysis: Analysis, heads: "set[Slot] | None" = None) -> list[ChannelGroup]:
     """Groups read by the projections (contraction inputs) of the weight layers of head groups,
-    and groups holding an embedding table's columns (rules' `hidden` slots)."""
+    and groups holding an embedding table's columns (rules' `hidden` slots) that form a residual
+    stream."""
     heads = head_slots(analysis) if heads is None else heads
     head_groups = [g for g in analysis.groups if group_kind(analysis, g, heads) == "heads"]
     layers = {name for g in head_groups for name in g.producers}
     inputs: set[Slot] = set()
+    tables: set[Slot] = set()
     for node in analysis.graph.nodes:
         rule = rule_for(node, analysis.opset)
         if rule is None:
             continue
-        inputs.update(rule.hidden(analysis.view(node)))  # embedding columns, with or without heads
+        tables.update(rule.hidden(analysis.view(node)))  # embedding columns, with or without heads
         slot = rule.contraction(analysis.view(node)) if node.name in layers else None
         if slot is not None:
             inputs.add(slot)
-    return [g for g in analysis.groups if any(m.slot in inputs for m in g.members)]
+    return [g for g in analysis.groups if any(m.slot in inputs for m in g.members)
+            or (any(m.slot in tables for m in g.members) and _residual_stream(analysis, g))]
+
+
+def _residual_stream(analysis: Analysis, group: ChannelGroup) -> bool:
+    """Whether a group's channels form a residual stream: a normalisation statistic reads them
+    (the group is lossy-only) or an Add/Sum adds two of its tensors (a skip connection, or token
+    and position embeddings summed into the stream)."""
+    if group.lossy_only:
+        return True
+    names = {m.slot[0] for m in group.members if m.role == "activation"}
+    return any(node.op in ("Add", "Sum") and sum(t.name in names for t in node.inputs) >= 2
+               for node in analysis.graph.nodes)
 
 
 def freeze_hidden(analysis: Analysis) -> None:

@@ -187,3 +187,122 @@ def test_keras_lstm_dead_units_removed_exactly(keras_lstm):
 def test_keras_lstm_prune_half(keras_lstm):
     result = assert_half_pruned_runs(keras_lstm[0])
     assert hidden_sizes(result.model) == [HIDDEN // 2] * 2
+
+
+# ------------------------------------------- bidirectional stacks: units per direction, dynamic batch
+
+VOCAB, EMBED, WIDE = 40, 12, 16
+STACKS = [  # (cell, embedding in front, exporter, dynamic batch)
+    ("LSTM", False, "legacy-folded", True),
+    ("LSTM", False, "dynamo", True),
+    ("LSTM", True, "legacy-folded", False),
+    ("LSTM", True, "dynamo", False),
+    ("LSTM", True, "dynamo", True),
+    ("GRU", True, "legacy-folded", True),
+    ("GRU", True, "dynamo", True),
+    ("RNN", False, "legacy-folded", True),
+]
+
+
+def _stack(cell: str, embedding: bool, hidden: int):
+    """[embedding →] two bidirectional batch_first layers → Linear on the last step."""
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, EMBED) if embedding else None
+            self.rnn = getattr(torch.nn, cell)(EMBED, hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = torch.nn.Linear(2 * hidden, 3)
+
+        def forward(self, x):
+            y, _ = self.rnn(self.emb(x) if self.emb is not None else x)
+            return self.fc(y[:, -1])
+
+    torch.manual_seed(0)
+    return Tagger().eval()
+
+
+def plant_dead_per_direction(rnn, fraction: float = 0.25, seed: int = 1) -> None:
+    """Zero the gate rows and biases of a random `fraction` of the units of every layer and
+    direction, chosen independently per direction."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    hidden = rnn.hidden_size
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            for suffix in ("", "_reverse"):
+                units = rng.choice(hidden, int(hidden * fraction), replace=False)
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    param = getattr(rnn, f"{kind}_l{layer}{suffix}")
+                    gates = param.shape[0] // hidden
+                    param[[g * hidden + u for g in range(gates) for u in units]] = 0
+
+
+def export_batch(model, x, path, exporter: str, dynamic: bool) -> onnx.ModelProto:
+    """torch_export.export, or with a dynamic batch axis (`dynamic_axes` / `dynamic_shapes`)."""
+    if not dynamic:
+        from torch_export import export
+
+        return export(model, (x,), path, exporter)
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], opset_version=18,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True)
+            program.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                              opset_version=18, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def stack_exports(tmp_path_factory):
+    """Per case: the export with a quarter of each direction's units planted dead, and the parameter
+    count of the same network built a quarter narrower."""
+    pytest.importorskip("torch")
+    import torch
+
+    folder = tmp_path_factory.mktemp("stacks")
+    made = {}
+    for case in STACKS:
+        cell, embedding, exporter, dynamic = case
+        planted = _stack(cell, embedding, WIDE)
+        plant_dead_per_direction(planted.rnn)
+        x = torch.randint(0, VOCAB, (2, STEPS)) if embedding else torch.randn(2, STEPS, EMBED)
+        model = export_batch(planted, x, folder / f"{cell}_{embedding}_{exporter}_{dynamic}.onnx", exporter, dynamic)
+        made[case] = (model, sum(p.numel() for p in _stack(cell, embedding, WIDE * 3 // 4).parameters()))
+    return made
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", STACKS, ids=lambda c: "-".join(map(str, c)))
+def test_bidirectional_stack_loses_each_directions_dead_units(stack_exports, case):
+    model, narrow_params = stack_exports[case]
+    result = onnxprune.prune(model, lossless=True)
+    assert_same_outputs(model, result.model)
+    assert hidden_sizes(result.model) == [WIDE * 3 // 4] * 2
+    assert weight_count(result.model) == narrow_params
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", STACKS, ids=lambda c: "-".join(map(str, c)))
+def test_bidirectional_stack_prunes_half_with_its_embedding(stack_exports, case):
+    cell, embedding, exporter, dynamic = case
+    model = stack_exports[case][0]
+    result = assert_half_pruned_runs(model)
+    assert hidden_sizes(result.model) == [WIDE // 2] * 2
+    tables = [t for t in result.model.graph.initializer if t.name == "emb.weight"]
+    assert [list(t.dims) for t in tables] == ([[VOCAB, EMBED // 2]] if embedding else [])
+    if dynamic:  # a batch size the export never saw
+        feeds = random_inputs(model, 2, batch=3)
+        outputs = session(result.model).run(None, feeds)
+        assert outputs[0].shape == session(model).run(None, feeds)[0].shape == (3, 3)

@@ -18,7 +18,7 @@ from onnxprune.errors import InternalError
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import (Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register,
                                 slot_axes)
-from onnxprune.ops.shape_values import Dim, Known, dim_readers, reads, shape_value
+from onnxprune.ops.shape_values import Dim, Known, dim_readers, dim_size, reads, shape_value
 
 
 def _product(dims) -> tuple[int, tuple] | None:
@@ -187,9 +187,7 @@ def _target_dims(v: NodeView, xs: tuple, inferred: tuple | None) -> tuple | None
     dims: list = []
     for k, e in enumerate(entries):
         if isinstance(e, Dim):
-            shape = v.shape(e.tensor)
-            d = shape[e.axis] if shape is not None and e.axis < len(shape) else None
-            dims.append(d * e.factor if isinstance(d, int) else (d if e.factor == 1 else None))
+            dims.append(dim_size(e, v.shape(e.tensor)))
             continue
         e = e.value if isinstance(e, Known) else e
         copies = e == 0 and not v.attr("allowzero", 0)
@@ -248,6 +246,10 @@ def _target_entry_ties(v: NodeView, target: list, ties: list[Tie]) -> "list[Tie]
             continue  # KV heads stay; the update rewrites the repeat factor (_update_computed_target)
         if isinstance(entry, Dim) and not flows_from(v.node.inputs[0], entry.tensor):
             return Freeze(f"{v.op} target for channel axis {axis} reads the size of another layer's channels")
+        if isinstance(entry, Dim) and entry.span > 1:
+            if entry.tensor != v.inputs[0] or dim_size(entry, v.shape(entry.tensor)) != n:
+                return Freeze(f"{v.op} target for channel axis {axis} multiplies dims onnxprune cannot follow")
+            continue  # the product of the data's own merged dims: it follows the kept count by itself
         if isinstance(entry, Dim):
             size = v.dim((entry.tensor, entry.axis))
             if size is None or n is None or size * entry.factor != n:
@@ -586,6 +588,19 @@ def _sizes_follow_input(v: NodeView, axis: int) -> bool:
     return isinstance(entry, Dim) and entry == Dim(v.inputs[0], axis, 1)
 
 
+def merges_own_dims(reader: gs.Node, x: gs.Tensor, opset: int) -> bool:
+    """Whether `reader` is a Reshape of `x` whose run-time target is x's leading dims as they are,
+    then a product of the next few (`view(*x.shape[:k], -1)` written as Shape[k] * Shape[k+1]):
+    the product follows the kept counts by itself, and the Reshape rule ties the merged axes."""
+    if reader.op != "Reshape" or reader.inputs[0] is not x:
+        return False
+    target = shape_value(reader.inputs[1], opset) or []
+    spans = [k for k, e in enumerate(target) if isinstance(e, Dim) and e.span > 1]
+    return len(spans) == 1 and all(e == Dim(x.name, j) for j, e in enumerate(target[:spans[0]])) \
+        and target[spans[0]] == Dim(x.name, spans[0], span=target[spans[0]].span) \
+        and len(target) == spans[0] + 1
+
+
 def _sized_by(reader: gs.Node, slot: Slot, n: int | None, opset: int) -> list[Tie] | None:
     """Ties from a channel axis to the output axes of a Reshape/Expand whose run-time target reads
     its size (times a constant, as KV heads x repeats in `repeat_kv`), or of a Resize whose run-time
@@ -624,11 +639,16 @@ class Shape(OpRule):
         start = v.attr("start", 0) % (rank + 1) if rank else 0
         end = v.attr("end", rank) if v.attr("end") is not None else rank
         end = end % (rank + 1) if end < 0 else min(end, rank)
-        if not start <= slot[1] < end:
+        read = [a for a in slot_axes(slot) if start <= a < end]
+        if not read:
             return []
-        readers = dim_readers(v.node, slot[1], v.opset)
-        if readers is None:
+        found = [dim_readers(v.node, a, v.opset) for a in read]
+        if any(r is None for r in found):
             return Freeze("shape of a channel tensor feeds a computation onnxprune cannot follow")
+        readers = [r for r in dict((r.name, r) for rs in found for r in rs).values()
+                   if not merges_own_dims(r, v.node.inputs[0], v.opset)]
+        if isinstance(slot[1], tuple):  # a (direction, unit) pair: only its own flatten may read it
+            return Freeze(f"channel count is read at run time by {readers[0].op} '{readers[0].name}'") if readers else []
         if v.gqa == "query" and any(_reads_for_repeat(v, r) for r in readers):
             return Freeze("gqa='query': the K/V repeat reads the KV head count, which stays")
         followers = {r.name: _last_axis_follower(r, v.node.inputs[0], slot[1], v.opset) for r in readers}

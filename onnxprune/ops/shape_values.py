@@ -30,11 +30,25 @@ class Dim:
     factor_source: "tuple[str, int, int] | None" = field(default=None, compare=False)
     """Where a factor other than 1 was read (node name, input index, flat index), when a single
     constant gave it: `gqa='query'` rewrites KV heads x repeats there with the kept repeats."""
+    span: int = 1
+    """The element is the product of `span` consecutive dims from `axis` on (the dynamo exporter
+    flattens a bidirectional layer's [.., D, H] output with Shape[2] * Shape[3])."""
+
+
+def dim_size(entry: Dim, shape: "tuple | None") -> "int | str | None":
+    """The value of a Dim element given the static shape of the tensor it reads: an int, a symbol
+    (one symbolic dim, factor 1), or None."""
+    if shape is None or entry.axis + entry.span > len(shape):
+        return None
+    dims = shape[entry.axis:entry.axis + entry.span]
+    if all(isinstance(d, (int, np.integer)) for d in dims):
+        return int(np.prod(dims, dtype=np.int64)) * entry.factor
+    return dims[0] if entry.span == 1 and entry.factor == 1 else None
 
 
 def reads(entry: "Dim | Known", tensor: str, axis: int) -> bool:
     """Whether an element is computed from dimension `axis` of `tensor` (with any factor)."""
-    return isinstance(entry, Dim) and entry.tensor == tensor and entry.axis == axis
+    return isinstance(entry, Dim) and entry.tensor == tensor and entry.axis <= axis < entry.axis + entry.span
 
 
 @dataclass(frozen=True)
@@ -164,14 +178,17 @@ def _mul(node: gs.Node, opset: int, depth: int):
             out.append(_scaled(a, b))
         elif isinstance(b, Dim) and isinstance(a, Known) and a.value > 0:
             out.append(_scaled(b, a))
+        elif isinstance(a, Dim) and isinstance(b, Dim) and a.tensor == b.tensor and a.factor == b.factor == 1 \
+                and a.axis + a.span == b.axis:
+            out.append(Dim(a.tensor, a.axis, span=a.span + b.span))  # consecutive dims: a flatten
         else:
-            return None  # a product of two dims
+            return None  # any other product of two dims
     return out if pairs else None
 
 
 def _scaled(dim: Dim, by: Known) -> Dim:
     """dim x constant; the constant's source is kept when it alone makes the factor."""
-    return Dim(dim.tensor, dim.axis, dim.factor * by.value, by.source if dim.factor == 1 else None)
+    return Dim(dim.tensor, dim.axis, dim.factor * by.value, by.source if dim.factor == 1 else None, dim.span)
 
 
 def _equal(node: gs.Node, opset: int, depth: int):
