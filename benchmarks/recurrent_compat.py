@@ -3,9 +3,12 @@ both Keras export paths. Writes docs/compatibility.md between `<!-- begin: recur
 `<!-- end: recurrent -->` (other sections untouched) and prints the same table.
 
 Per model: 2 stacked layers (bidirectional for torch), 16 hidden units, a Linear head on the mean
-over time (Keras: the last step). A Keras GRU, exported as a Loop, must come out frozen with a reason. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
-planting 4 dead units per layer (all gate rows and biases zero): units removed, max |diff| of the
-outputs, and whether the weights left number exactly as many as the same model built 12 wide.
+over time (Keras: the last step); torch models are exported with static shapes and with a dynamic
+batch axis. A Keras GRU, exported as a Loop, must come out frozen with a reason. Two runs: `prune`
+at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after planting 4 dead units per
+layer, chosen independently in each direction (all gate rows and biases zero): units removed per
+layer, max |diff| of the outputs, and whether the weights left number exactly as many as the same
+model built 12 wide.
 
     python benchmarks/recurrent_compat.py            # about a minute on 2 cores
 """
@@ -45,11 +48,12 @@ def hidden_sizes(model: onnx.ModelProto) -> list[int]:
     return [a.i for n in model.graph.node if n.op_type in RECURRENT for a in n.attribute if a.name == "hidden_size"]
 
 
-def torch_models(cell: str, exporter: str, folder: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
-    """(random export, export with dead units planted, export of the same built narrower)."""
+def torch_models(cell: str, exporter: str, folder: Path, dynamic: bool
+                 ) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
+    """(random export, export with dead units planted per direction, export of the same built narrower)."""
     import torch
 
-    from torch_export import export
+    from test_zoo_recurrent import export_batch, plant_dead_per_direction
 
     class Classifier(torch.nn.Module):
         def __init__(self, hidden: int) -> None:
@@ -60,16 +64,13 @@ def torch_models(cell: str, exporter: str, folder: Path) -> tuple[onnx.ModelProt
         def forward(self, x):
             return self.fc(self.rnn(x)[0].mean(0))
 
-    x = torch.randn(STEPS, BATCH, FEATURES)
+    x = torch.randn(STEPS, BATCH, FEATURES)  # time-major: a dynamic batch is axis 1
     torch.manual_seed(0)
     plain = Classifier(HIDDEN)
     planted = Classifier(HIDDEN)
-    with torch.no_grad():
-        for param in planted.rnn.parameters():
-            gates = param.shape[0] // HIDDEN
-            param[[g * HIDDEN + u for g in range(gates) for u in DEAD]] = 0
+    plant_dead_per_direction(planted.rnn, len(DEAD) / HIDDEN)
     narrow = Classifier(HIDDEN - len(DEAD))
-    return tuple(export(m, (x,), folder / f"{cell}_{exporter}_{k}.onnx", exporter)
+    return tuple(export_batch(m.eval(), x, folder / f"{cell}_{exporter}_{dynamic}_{k}.onnx", exporter, dynamic, 1)
                  for k, m in enumerate((plain, planted, narrow)))
 
 
@@ -147,10 +148,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for cell in RECURRENT:
             for exporter in ("legacy-folded", "dynamo"):
-                start = time.perf_counter()
-                rows.append(row(f"torch {cell} 2-layer bidirectional", exporter,
-                                torch_models(cell, exporter, Path(tmp)), start))
-                print(rows[-1], flush=True)
+                for dynamic in (False, True):
+                    start = time.perf_counter()
+                    rows.append(row(f"torch {cell} 2-layer bidirectional" + (", dynamic batch" if dynamic else ""),
+                                    exporter, torch_models(cell, exporter, Path(tmp), dynamic), start))
+                    print(rows[-1], flush=True)
         try:
             for path_kind in ("keras", "tf2onnx"):
                 start = time.perf_counter()

@@ -480,3 +480,72 @@ def test_fold_constants_never_stores_a_large_weight_twice():
     folded = from_graph(graph, ModelMeta.of(model))
     for a, b in zip(session(folded).run(None, feeds), session(model).run(None, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # same values; MatMul's summation order may differ
+
+
+def stacked_runtime_flatten_model(dead: dict[int, list[int]] | None = None, embedding: bool = False
+                                  ) -> onnx.ModelProto:
+    """Like the dynamo exporter with a dynamic batch: [embedding lookup →] bidirectional GRU over
+    [T, batch, F], Y → Transpose [T, B, 2, H] → Reshape to Concat(Shape[0:1], Shape[1:2],
+    Shape[2:3] * Shape[3:4]) → a second bidirectional GRU → the same flatten → MatMul."""
+    b = GraphBuilder(seed=5)
+    if embedding:
+        ids = b.input([T, "batch"], "ids", onnx.TensorProto.INT64)
+        x = b.op("Gather", [b.weight([11, IN], "table"), ids], axis=0)
+    else:
+        x = b.input([T, "batch", IN])
+
+    def layer(x: str, features: int, units: list[int]) -> str:
+        w = (b.rng.standard_normal([2, 3 * H, features]) * 0.5).astype(np.float32)
+        r = (b.rng.standard_normal([2, 3 * H, H]) * 0.5).astype(np.float32)
+        bias = (b.rng.standard_normal([2, 6 * H]) * 0.5).astype(np.float32)
+        for d, dead_units in enumerate(units):
+            for u in dead_units:
+                w[d, 2 * H + u] = r[d, 2 * H + u] = 0
+                bias[d, [2 * H + u, 5 * H + u]] = 0
+        y = b.op("GRU", [x, b.const(w, "W"), b.const(r, "R"), b.const(bias, "B")], hidden_size=H,
+                 direction="bidirectional")
+        y = b.op("Transpose", [y], perm=[0, 2, 1, 3])
+        shape = b.op("Shape", [y])
+        dims = [b.op("Slice", [shape, b.const(np.array([k], np.int64)), b.const(np.array([k + 1], np.int64))])
+                for k in range(4)]
+        return b.op("Reshape", [y, b.op("Concat", [dims[0], dims[1], b.op("Mul", [dims[2], dims[3]])], axis=0)])
+
+    units = dead or {}
+    y = layer(layer(x, IN, [units.get(0, []), units.get(1, [])]), 2 * H, [units.get(2, []), units.get(3, [])])
+    b.op("MatMul", [y, b.weight([2 * H, 3])])
+    b.nodes[-1].output[0] = "y"
+    b.output("y")
+    return b.model()
+
+
+def test_run_time_flatten_of_both_directions_prunes():
+    model = stacked_runtime_flatten_model()
+    assert all(g.part_count == 2 for g in onnxprune.analyze(model).prunable)
+    result = onnxprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [a.i for n in result.model.graph.node if n.op_type == "GRU" for a in n.attribute
+            if a.name == "hidden_size"] == [H // 2] * 2
+    feeds = random_inputs(model, 0, batch=3)
+    assert session(result.model).run(None, feeds)[0].shape == (T, 3, 3)
+
+
+def test_run_time_flatten_loses_each_directions_dead_units_exactly():
+    model = stacked_runtime_flatten_model({0: [1, 4], 1: [0, 2, 5], 2: [3, 5], 3: [0, 1]})
+    result = onnxprune.prune(model, lossless=True)
+    assert [a.i for n in result.model.graph.node if n.op_type == "GRU" for a in n.attribute
+            if a.name == "hidden_size"] == [H - 2] * 2
+    _assert_same_outputs(model, result.model)
+
+
+def test_embedding_feeding_a_recurrent_layer_is_an_ordinary_group():
+    """No skip Add and no norm read the lookup: its width prunes by default, with the GRU's W columns."""
+    model = stacked_runtime_flatten_model(embedding=True)
+    analysis = onnxprune.analyze(model)
+    table = next(g for g in analysis.groups if any(m.slot[0].startswith("table") for m in g.members))
+    assert table.prunable, table.frozen
+    result = onnxprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    shrunk = next(t for t in result.model.graph.initializer if t.name.startswith("table"))
+    assert list(shrunk.dims) == [11, IN - IN // 2]
+    feeds = random_inputs(model, 0, batch=3)
+    assert session(result.model).run(None, feeds)[0].shape == (T, 3, 3)

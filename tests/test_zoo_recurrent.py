@@ -240,8 +240,9 @@ def plant_dead_per_direction(rnn, fraction: float = 0.25, seed: int = 1) -> None
                     param[[g * hidden + u for g in range(gates) for u in units]] = 0
 
 
-def export_batch(model, x, path, exporter: str, dynamic: bool) -> onnx.ModelProto:
-    """torch_export.export, or with a dynamic batch axis (`dynamic_axes` / `dynamic_shapes`)."""
+def export_batch(model, x, path, exporter: str, dynamic: bool, batch_axis: int = 0) -> onnx.ModelProto:
+    """torch_export.export, or with axis `batch_axis` of the input (and axis 0 of the output) dynamic
+    (`dynamic_axes` / `dynamic_shapes`)."""
     if not dynamic:
         from torch_export import export
 
@@ -256,11 +257,11 @@ def export_batch(model, x, path, exporter: str, dynamic: bool) -> onnx.ModelProt
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], opset_version=18,
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True)
+                                        dynamic_shapes=({batch_axis: torch.export.Dim("batch")},), optimize=True)
             program.save(str(path), external_data=False)
         else:
             torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                              opset_version=18, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                              opset_version=18, dynamic_axes={"x": {batch_axis: "batch"}, "y": {0: "batch"}})
     return onnx.load(str(path))
 
 
