@@ -549,3 +549,24 @@ def test_embedding_feeding_a_recurrent_layer_is_an_ordinary_group():
     assert list(shrunk.dims) == [11, IN - IN // 2]
     feeds = random_inputs(model, 0, batch=3)
     assert session(result.model).run(None, feeds)[0].shape == (T, 3, 3)
+
+
+def test_state_read_by_a_gather_ties_the_directions_again():
+    """`h_n[-1]` (a Gather on the direction axis of Y_h) is read on the plain unit axis: unit j of both
+    directions is one channel there, so the layer still prunes, with the same units in each direction."""
+    b = GraphBuilder(seed=7)
+    x = b.input([T, BATCH, IN])
+    w, r = b.weight([2, 3 * H, IN]), b.weight([2, 3 * H, H])
+    y, yh = b.op("GRU", [x, w, r, b.weight([2, 6 * H])], n_out=2, hidden_size=H, direction="bidirectional")
+    y = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]), b.const(np.array([0, 0, -1], np.int64))])
+    b.op("MatMul", [y, b.weight([2 * H, 3])])
+    b.nodes[-1].output[0] = "y"
+    b.gemm(b.op("Gather", [yh, b.const(np.array(1, np.int64))], axis=0), H, 2)
+    b.nodes[-1].output[0] = "yh"
+    b.output("y")
+    b.output("yh")
+    model = b.model()
+    (group,) = [g for g in onnxprune.analyze(model).prunable if any(m.slot[0] == r for m in g.members)]
+    assert group.parts is None and group.size == H
+    result = prune_half(model)
+    assert result.report.channels_removed == H // 2

@@ -152,8 +152,9 @@ class _Recurrent(OpRule):
         hidden = self._hidden_slots(v)
         if slot in hidden:
             return self._unit_ties(v, d, g, h, hidden)
-        states = [n for n in (*v.outputs, *(v.inp(k) for k in self._state_inputs(v))) if n]
-        if slot[0] in states and slot[1] == (v.rank(slot[0]) or 0) - 1:  # the plain axis of a paired state
+        live = [v.inp(k) for k in self._state_inputs(v) if not _zero_state(v, k)]
+        if slot[0] in [n for n in (*v.outputs, *live) if n] and slot[1] == (v.rank(slot[0]) or 0) - 1:
+            # the plain unit axis of a state named paired here: unit j of every direction
             return [Tie(self._hub(v), slot, np.arange(d * h), np.tile(np.arange(h), d))]
         if slot[0] in (v.inp(INIT_H), v.inp(INIT_C)):
             return []  # a zero initial state is dropped by `update`, not sliced
@@ -161,8 +162,8 @@ class _Recurrent(OpRule):
 
     def _unit_ties(self, v: NodeView, d: int, g: int, h: int, hidden: list[Slot]) -> list[Tie]:
         """Tie each unit (the hub: its column of R) to its rows, bias entries and state positions.
-        Paired slots hold every direction (element d*H + j); plain ones direction 0 only or, for
-        states of a bidirectional layer read by single-axis ops, unit j of all directions."""
+        In a bidirectional layer the hub is paired (element d*H + j); a state kept on its plain unit
+        axis there gets unit j of every direction."""
         hub = self._hub(v)
         paired = isinstance(hub[1], tuple)
         dirs = d if paired else 1
