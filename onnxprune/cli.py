@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, fpgm, activation, apoz, wanda, "
                    "taylor, or module:function")
     r.add_argument("--scope", choices=["local", "global"], default="local")
-    r.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
-                   help="keep a multiple of N channels; auto: the count just below a measured latency step")
+    r.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                   help="keep a multiple of N channels (1: exact counts); auto: the count just below a measured "
+                   "latency step. Default: latency-friendly, Conv groups keep multiples of ONNX Runtime's NCHWc "
+                   "block on this machine (the latency steps with --latency-table)")
     r.add_argument("--target-latency", dest="target_latency", type=float, metavar="F",
                    help="plan on measured ORT latency: keep about F of the model's latency")
     r.add_argument("--latency-table", dest="latency_table", metavar="FILE.json",
