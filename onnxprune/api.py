@@ -30,7 +30,7 @@ from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyR
 
 if TYPE_CHECKING:
     from onnxprune.passes.stats import Statistics
-    from onnxprune.quantize import ModelFigures
+    from onnxprune.quantize import ModelFigures, QuantChoice, QuantOptions
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 REPORT_VERSION = 1
@@ -78,6 +78,8 @@ class PruneReport:
     latency: LatencyReport | None = None
     notes: list[str] = field(default_factory=list)
     quantize: str | None = None
+    quantization: "QuantChoice | None" = None
+    """What the quantization hand-off chose (types, format, per-channel, pre-processing) and why."""
     models: "dict[str, ModelFigures]" = field(default_factory=dict)
     """Side-by-side figures (original, pruned, quantized) when quantizing or given eval data."""
     layers: list[dict] = field(default_factory=list)
@@ -102,6 +104,8 @@ class PruneReport:
             out["latency_ms"] = self.latency.to_dict()
         if self.quantize is not None:
             out["quantize"] = self.quantize
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_dict()
         if self.models:
             out["models"] = {name: figures.to_dict() for name, figures in self.models.items()}
         out["layers"] = self.layers
@@ -145,6 +149,11 @@ def prune(
     target_latency: float | None = None,
     latency_table: "str | os.PathLike[str] | None" = None,
     quantize: Literal["dynamic", "static"] | None = None,
+    quant_format: Literal["qdq", "qoperator"] | None = None,
+    activation_type: Literal["int8", "uint8"] | None = None,
+    weight_type: Literal["int8", "uint8"] | None = None,
+    per_channel: bool | None = None,
+    calibration: Literal["minmax", "entropy", "percentile"] | None = None,
     eval_data: "str | os.PathLike[str] | dict[str, np.ndarray] | None" = None,
     labels: str = "label",
     stats: "Statistics | str | os.PathLike[str] | None" = None,
@@ -159,6 +168,10 @@ def prune(
     gqa: Literal["kv", "query"] = "kv",
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
+
+    `quant_format`, `activation_type`, `weight_type`, `per_channel` and `calibration` override what
+    the hand-off chooses for this machine (`onnxprune.quantize.choose_quantization`; with `bench`,
+    the faster of QDQ and QOperator is measured); the choice is in `report.quantization`.
 
     `lossless` removes only channels proven constant (outputs unchanged); otherwise `ratio` of each
     group (scope 'local') or of all channels (scope 'global') is removed, lowest `criterion` score
@@ -193,6 +206,10 @@ def prune(
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
+    from onnxprune.quantize import QuantOptions, check_quant_options
+
+    quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
+    check_quant_options(quantize, quant_options)
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -243,7 +260,8 @@ def prune(
         tolerance = (atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL),
                      rtol if rtol is not None else (LOSSLESS_TOL if lossless else DEFAULT_RTOL))
         quantized = _measure(report, original, pruned, data=data, seed=seed, verify=verify, bench=bench,
-                             tolerance=tolerance, quantize=quantize, eval_data=eval_data, labels=labels)
+                             tolerance=tolerance, quantize=quantize, eval_data=eval_data, labels=labels,
+                             options=quant_options)
     result = PruneResult(pruned, chosen, report, quantized)
     if report.verify is not None and not report.verify.passed:
         raise VerificationError(
@@ -254,7 +272,7 @@ def prune(
 
 def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelProto, *, data, seed: int,
              verify: bool, bench: bool, tolerance: tuple[float, float], quantize: "str | None", eval_data,
-             labels: str) -> onnx.ModelProto | None:
+             labels: str, options: "QuantOptions | None" = None) -> onnx.ModelProto | None:
     """Fill the report's verification, latency and side-by-side figures; return the quantized model.
 
     Data is streamed for a plain verification (large data never sits in memory) and read once
@@ -270,8 +288,10 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
         return None
     from onnxprune.quantize import hand_off
 
-    quantized, report.models, latency = hand_off(original, pruned, quantize, data, feeds, eval_data, labels, bench)
+    quantized, report.models, latency, report.quantization, warnings = hand_off(
+        original, pruned, quantize, data, feeds, eval_data, labels, bench, options)
     report.quantize, report.latency = quantize, latency or report.latency
+    report.notes.extend(warnings)
     return quantized
 
 

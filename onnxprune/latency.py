@@ -40,7 +40,7 @@ from onnx import helper
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
 from onnxprune.plan import GroupPlan, Plan, Rounding, keep_count, lowest_units, normalise_scores, round_up
-from onnxprune.verify import random_inputs, session
+from onnxprune.verify import clock_for, random_inputs, session
 
 TABLE_FORMAT = "onnxprune-latency-table"
 TABLE_VERSION = 1
@@ -371,13 +371,6 @@ def _np_dtype(dtype) -> np.dtype:
     if isinstance(dtype, (int, np.integer)):
         return np.dtype(helper.tensor_dtype_to_np_dtype(int(dtype)))
     return np.dtype(dtype)
-
-
-def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
-    """The clock latency is read with: with one intra-op thread ORT computes on the calling thread,
-    so its CPU time is the run's latency without the time other processes steal (on a shared
-    machine wall time mostly measures them); with more threads only wall time covers the pool."""
-    return ("thread CPU time", time.thread_time) if threads == 1 else ("wall time", time.perf_counter)
 
 
 def _fastest_ms(session, feeds: dict, runs: int, threads: int) -> float:
