@@ -240,7 +240,9 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
 
 
 SWAP_GROUPS = 32
-"""Up to this many groups, target search also tries swapping a rounding step between two groups."""
+SWAP_STEPS = 4
+"""Up to this many groups, target search also tries trading up to SWAP_STEPS rounding steps of one
+group for channels of another."""
 
 
 def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, kept) -> np.ndarray:
@@ -254,13 +256,14 @@ def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets,
         moves = [_most_back(used, j, meets) for j in range(len(groups)) if used[j] > 0]
         if len(groups) <= SWAP_GROUPS:
             for a, g in enumerate(groups):
-                keep = rnd(g, g.size - int(used[a]))
-                if used[a] == 0 or keep >= g.size:
-                    continue
                 up = used.copy()
-                up[a] = max(0, g.size - keep - 1)
-                moves += [_least_more(up, b, int(caps[b]), meets)
-                          for b in range(len(groups)) if b != a]
+                for _ in range(SWAP_STEPS):
+                    keep = rnd(g, g.size - int(up[a]))
+                    if up[a] == 0 or keep >= g.size:
+                        break
+                    up = up.copy()
+                    up[a] = max(0, g.size - keep - 1)
+                    moves += [_least_more(up, b, int(caps[b]), meets) for b in range(len(groups)) if b != a]
         moves = [m for m in moves if m is not None and meets(m)]
         top = max(moves, key=kept, default=None)
         if top is None or kept(top) <= best + 1e-12:
