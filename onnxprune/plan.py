@@ -274,27 +274,21 @@ def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets,
 
 def _most_back(used: np.ndarray, j: int, meets) -> np.ndarray:
     """`used` with group j's removed count as small as the targets allow."""
-    lo, hi = 0, int(used[j])
-    while lo < hi:
-        mid = (lo + hi) // 2
-        trial = used.copy()
-        trial[j] = mid
-        if meets(trial):
-            hi = mid
-        else:
-            lo = mid + 1
-    out = used.copy()
-    out[j] = lo
-    return out
+    return _fewest_meeting(used, j, 0, int(used[j]), meets)
 
 
 def _least_more(used: np.ndarray, j: int, cap: int, meets) -> np.ndarray | None:
     """`used` with group j's removed count raised just enough to meet the targets (None: cannot)."""
-    lo, hi = int(used[j]), cap
     top = used.copy()
-    top[j] = hi
-    if hi < lo or not meets(top):
+    top[j] = cap
+    if cap < used[j] or not meets(top):
         return None
+    return _fewest_meeting(used, j, int(used[j]), cap, meets)
+
+
+def _fewest_meeting(used: np.ndarray, j: int, lo: int, hi: int, meets) -> np.ndarray:
+    """`used` with group j's removed count the smallest in [lo, hi] that meets the targets
+    (bisection: meeting is monotone in the count; `hi` is known to meet)."""
     while lo < hi:
         mid = (lo + hi) // 2
         trial = used.copy()

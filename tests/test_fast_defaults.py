@@ -9,12 +9,13 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from builders import GraphBuilder, small_cnn
+from builders import small_cnn
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 from onnxprune.latency import BLOCK, layout_block
 from onnxprune.quantize import QuantOptions, choose_quantization, cpu_flags, instruction_set
 from onnxprune.verify import random_inputs, session
+from test_latency_plan import hand_table, two_convs
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 VNNI = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
@@ -23,12 +24,7 @@ ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n"
 
 def wide_convs(width: int = 40) -> onnx.ModelProto:
     """x -> conv(3->W) -> relu -> conv(W->W) -> relu -> conv(W->4): two Conv groups of W channels."""
-    b = GraphBuilder(seed=5)
-    h = b.input([1, 3, 8, 8])
-    h = b.op("Relu", [b.conv(h, 3, width)])
-    h = b.op("Relu", [b.conv(h, width, width)])
-    b.output(b.conv(h, width, 4), shape=[1, 4, 8, 8])
-    return b.model()
+    return two_convs(width, seed=5)
 
 
 def kept_counts(result) -> list[int]:
@@ -71,8 +67,6 @@ def test_lossless_and_replayed_plans_keep_their_exact_counts(tmp_path):
 
 @pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
 def test_round_to_auto_meets_macs_targets_within_two_points(tmp_path, target):
-    from test_latency_plan import hand_table
-
     model = wide_convs(128)  # fine enough: with two groups of 64, no pair of multiples of 8 lands near 0.7
     analysis = onnxprune.analyze(model)
     table = hand_table(analysis, {g.key: (8, 1.0) for g in analysis.prunable})
