@@ -235,25 +235,35 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
         fitting = [step for step in steps if meets(step)]
         if fitting:
             used = max(fitting, key=closeness)
-    units = units_of(_give_back(used, groups, caps, rnd, meets, closeness))
+    units = units_of(_give_back(used, groups, caps, rnd, meets, closeness,
+                                  (target_macs or 0.0) + (target_params or 0.0)))
     return Plan([GroupPlan(g.key, g.size, [int(u) for u in units.get(g.id, [])]) for g in groups])
 
 
 SWAP_GROUPS = 32
+CLOSE_ENOUGH = 0.01
 SWAP_STEPS = 4
 """Up to this many groups, target search also tries trading up to SWAP_STEPS rounding steps of one
 group for channels of another."""
 
 
-def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, kept) -> np.ndarray:
+def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, kept, goal: float
+               ) -> np.ndarray:
     """Move a plan that meets the targets closer to them: with rounding, the last step of the global
     order can remove a whole block more than needed. Each round every group gets back as many
-    channels as the targets allow (bisection: meeting is monotone in the count); on small models
-    (coarse steps) one rounding step of a group is also traded for channels of another. The move
-    keeping the most is taken, until none helps."""
+    channels as the targets allow (bisection: meeting is monotone in the count). Only when that
+    leaves the plan more than CLOSE_ENOUGH below `goal` (the targets' sum) and the model is small
+    (coarse steps), up to SWAP_STEPS rounding steps of one group are traded for channels of another,
+    since a trade overrides the criterion's order."""
     best = kept(used)
     for _ in range(2 * len(groups)):
         moves = [_most_back(used, j, meets) for j in range(len(groups)) if used[j] > 0]
+        top = max(moves, key=kept, default=None)
+        if top is not None and kept(top) > best + 1e-12:  # giving back only ever keeps more
+            used, best = top, kept(top)
+            continue
+        if best >= goal - CLOSE_ENOUGH:  # trades move channels against the criterion: only when far
+            break
         if len(groups) <= SWAP_GROUPS:
             for a, g in enumerate(groups):
                 up = used.copy()
