@@ -94,8 +94,8 @@ def _row(model: Path, label: str, result, original, feeds, threads: int, runs: i
             "estimated": estimated, "ms_before": ms_before, "ms_after": ms_after}
 
 
-COLS = ["model", "threads", "plan", "macs_ratio", "params_ratio", "latency_ratio", "share", "steady_ratio", "steady_share",
-        "estimated", "ms_before", "ms_after"]
+COLS = ["model", "threads", "plan", "macs_ratio", "params_ratio", "latency_ratio", "share", "steady_ratio",
+        "steady_share", "estimated", "ms_before", "ms_after"]
 
 
 def _line(row: dict) -> str:
@@ -106,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "bert"])
     parser.add_argument("--cache", type=Path, help="directory for exports and latency tables (default: temporary)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ORT intra-op thread counts (default 1 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="ORT intra-op thread counts (default 1 2)")
     parser.add_argument("--tables", action="store_true", help="also measure latency tables: round-to auto rows")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and plan (fastest counts)")
     parser.add_argument("--table-runs", type=int, default=10, help="timed runs per latency-table point")

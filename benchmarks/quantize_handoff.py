@@ -46,7 +46,8 @@ def zoo_rows(name: str, cache: Path, thread_counts: list[int], runs: int) -> Non
     print(f"{name}: MACs ratio {result.report.after.macs / result.report.before.macs:.3f}; "
           f"quantized: {choice.summary()}")
     for c in choice.candidates:
-        print(f"  candidate {c['quant_format']}: {c['latency_ms']:.2f} ms (pruned float {c['float_latency_ms']:.2f} ms)")
+        print(f"  candidate {c['quant_format']}: {c['latency_ms']:.2f} ms "
+              f"(pruned float {c['float_latency_ms']:.2f} ms)")
     feeds = random_inputs(original)
     for threads in thread_counts:
         orig, pruned, int8 = (lat["median"] for lat in

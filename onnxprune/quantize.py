@@ -294,7 +294,8 @@ def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_
         fig.max_abs_diff, fig.cosine, fig.top1_agreement = agreement(reference_outputs, outputs)
         if eval_data is not None:
             scores = class_scores_of(model, eval_data, labels, runner)
-            fig.accuracy, fig.precision, fig.recall, fig.f1 = scores.accuracy, scores.precision, scores.recall, scores.f1
+            fig.accuracy, fig.precision = scores.accuracy, scores.precision
+            fig.recall, fig.f1 = scores.recall, scores.f1
         figures[name] = fig
     if bench:
         for fig, lat in zip(figures.values(), interleaved_latency([models[n] for n in names], feeds[0])):
@@ -372,7 +373,8 @@ def quantize_candidates(pruned: onnx.ModelProto, choice: QuantChoice, options: Q
         second = quantize_model(pruned, choice.mode, calibration, other, cache)
     float_ms, *quant_ms = interleaved_latency([pruned, first, second], feeds, runs=CANDIDATE_RUNS)
     choice.candidates = [{"quant_format": c.quant_format, "latency_ms": ms["median"],
-                          "float_latency_ms": float_ms["median"]} for c, ms in ((choice, quant_ms[0]), (other, quant_ms[1]))]
+                          "float_latency_ms": float_ms["median"]}
+                         for c, ms in ((choice, quant_ms[0]), (other, quant_ms[1]))]
     if quant_ms[1]["median"] < quant_ms[0]["median"]:
         other.candidates = choice.candidates
         other.reasons.append(f"{other.quant_format.upper()} timed faster than {choice.quant_format.upper()} here")

@@ -149,8 +149,8 @@ def _zero_point_types(model: onnx.ModelProto, op: str) -> dict[str, int]:
 
 def test_qdq_u8s8_per_channel_graph_types(tmp_path):
     model = small_cnn()
-    result = onnxprune.prune(model, ratio=0.25, quantize="static", data=_calibration(model, tmp_path), quant_format="qdq",
-                             activation_type="uint8", weight_type="int8", per_channel=True)
+    result = onnxprune.prune(model, ratio=0.25, quantize="static", data=_calibration(model, tmp_path),
+                             quant_format="qdq", activation_type="uint8", weight_type="int8", per_channel=True)
     graph = result.quantized
     ops = {n.op_type for n in graph.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "QLinearConv" not in ops
