@@ -23,14 +23,14 @@ from onnxprune.passes.dependency import Analysis, analyze_graph
 from onnxprune.passes.fold_constants import folded_graph
 from onnxprune.passes.recover import RecoverMethod
 from onnxprune.passes.rewrite import attach_inferred_shapes, rewrite
-from onnxprune.plan import GroupPlan, Plan, global_plan, uniform_plan
+from onnxprune.plan import GroupPlan, Plan, RoundTo, global_plan, uniform_plan
 from onnxprune.validate import check_shapes_fit
 from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyReport, benchmark, compare,
                               random_inputs)
 
 if TYPE_CHECKING:
     from onnxprune.passes.stats import Statistics
-    from onnxprune.quantize import ModelFigures
+    from onnxprune.quantize import ModelFigures, QuantChoice, QuantOptions
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 REPORT_VERSION = 1
@@ -78,6 +78,8 @@ class PruneReport:
     latency: LatencyReport | None = None
     notes: list[str] = field(default_factory=list)
     quantize: str | None = None
+    quantization: "QuantChoice | None" = None
+    """What the quantization hand-off chose (types, format, per-channel, pre-processing) and why."""
     models: "dict[str, ModelFigures]" = field(default_factory=dict)
     """Side-by-side figures (original, pruned, quantized) when quantizing or given eval data."""
     layers: list[dict] = field(default_factory=list)
@@ -102,6 +104,8 @@ class PruneReport:
             out["latency_ms"] = self.latency.to_dict()
         if self.quantize is not None:
             out["quantize"] = self.quantize
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_dict()
         if self.models:
             out["models"] = {name: figures.to_dict() for name, figures in self.models.items()}
         out["layers"] = self.layers
@@ -132,7 +136,7 @@ def prune(
     ratio: float = 0.5,
     criterion: "str | Criterion" = "l1",
     scope: Literal["local", "global"] = "local",
-    round_to: "int | Literal['auto']" = 1,
+    round_to: "int | Literal['auto'] | None" = None,
     exclude: Iterable[str] = (),
     lossless: bool = False,
     plan: "Plan | str | os.PathLike[str] | None" = None,
@@ -145,6 +149,11 @@ def prune(
     target_latency: float | None = None,
     latency_table: "str | os.PathLike[str] | None" = None,
     quantize: Literal["dynamic", "static"] | None = None,
+    quant_format: Literal["qdq", "qoperator"] | None = None,
+    activation_type: Literal["int8", "uint8"] | None = None,
+    weight_type: Literal["int8", "uint8"] | None = None,
+    per_channel: bool | None = None,
+    calibration: Literal["minmax", "entropy", "percentile"] | None = None,
     eval_data: "str | os.PathLike[str] | dict[str, np.ndarray] | None" = None,
     labels: str = "label",
     stats: "Statistics | str | os.PathLike[str] | None" = None,
@@ -160,9 +169,17 @@ def prune(
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
+    `quant_format`, `activation_type`, `weight_type`, `per_channel` and `calibration` override what
+    the hand-off chooses for this machine (`onnxprune.quantize.choose_quantization`; with `bench`,
+    the faster of QDQ and QOperator is measured); the choice is in `report.quantization`.
+
     `lossless` removes only channels proven constant (outputs unchanged); otherwise `ratio` of each
     group (scope 'local') or of all channels (scope 'global') is removed, lowest `criterion` score
-    first. A saved `plan` replays an earlier run exactly. With `verify`, a failed comparison raises
+    first. Kept counts are latency-friendly by default (`round_to=None`): Conv groups keep multiples
+    of ONNX Runtime's NCHWc block measured on this machine, or the top of their measured latency
+    step when a `latency_table` is given; `round_to=1` keeps exact counts, an integer N multiples
+    of N, 'auto' the latency steps (table measured now when none is given). A saved `plan`
+    replays an earlier run exactly (its counts as recorded). With `verify`, a failed comparison raises
     `VerificationError`. `quantize` hands the pruned model to ONNX Runtime's quantizer (static
     calibrates on `data`); with it or `eval_data` (inputs plus a `labels` array) the report compares
     original, pruned and quantized side by side (`report.models`).
@@ -189,6 +206,10 @@ def prune(
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
+    from onnxprune.quantize import QuantOptions, check_quant_options
+
+    quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
+    check_quant_options(quantize, quant_options)
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -198,15 +219,18 @@ def prune(
     calib = Calibration.prepare(original, analysis, data=data, stats=stats, gradients=gradients, criterion=criterion,
                                 recover="none" if lossless else recover, auto_plan=plan == "auto", quiet=quiet)
     latency_notes: list[str] = []
-    if not lossless and plan is None and (round_to == "auto" or target_latency is not None):
-        units, values, chosen = _choose_for_latency(original, analysis, calib, ratio, criterion, scope, seed,
-                                                    target_latency, latency_table, max_ratio, latency_notes)
-    elif not lossless and (plan == "auto" or target_macs is not None or target_params is not None):
-        units, values, chosen = _choose_for_target(original, analysis, calib, criterion, plan, target_macs,
-                                                   target_params, max_ratio, round_to, data, labels, seed, quiet)
+    replay = plan is not None and plan != "auto"
+    if not lossless and not replay and target_latency is not None:
+        units, values, chosen = _choose_for_latency(original, analysis, calib, criterion, seed, target_latency,
+                                                    latency_table, max_ratio, latency_notes)
     else:
-        units, values, chosen = _choose(analysis, ratio, criterion, scope, round_to, lossless, plan, seed, calib,
-                                        head_ratio, max_ratio)
+        rounded = 1 if lossless or replay else _rounding(round_to, original, analysis, latency_table, latency_notes)
+        if not lossless and (plan == "auto" or target_macs is not None or target_params is not None):
+            units, values, chosen = _choose_for_target(original, analysis, calib, criterion, plan, target_macs,
+                                                       target_params, max_ratio, rounded, data, labels, seed, quiet)
+        else:
+            units, values, chosen = _choose(analysis, ratio, criterion, scope, rounded, lossless, plan, seed, calib,
+                                            head_ratio, max_ratio)
     values, fits = calib.recovery(analysis, units, values)
     result = rewrite(analysis, units, values)
     calib.apply(analysis.graph, original, fits)
@@ -236,7 +260,8 @@ def prune(
         tolerance = (atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL),
                      rtol if rtol is not None else (LOSSLESS_TOL if lossless else DEFAULT_RTOL))
         quantized = _measure(report, original, pruned, data=data, seed=seed, verify=verify, bench=bench,
-                             tolerance=tolerance, quantize=quantize, eval_data=eval_data, labels=labels)
+                             tolerance=tolerance, quantize=quantize, eval_data=eval_data, labels=labels,
+                             options=quant_options)
     result = PruneResult(pruned, chosen, report, quantized)
     if report.verify is not None and not report.verify.passed:
         raise VerificationError(
@@ -247,7 +272,7 @@ def prune(
 
 def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelProto, *, data, seed: int,
              verify: bool, bench: bool, tolerance: tuple[float, float], quantize: "str | None", eval_data,
-             labels: str) -> onnx.ModelProto | None:
+             labels: str, options: "QuantOptions | None" = None) -> onnx.ModelProto | None:
     """Fill the report's verification, latency and side-by-side figures; return the quantized model.
 
     Data is streamed for a plain verification (large data never sits in memory) and read once
@@ -263,8 +288,10 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
         return None
     from onnxprune.quantize import hand_off
 
-    quantized, report.models, latency = hand_off(original, pruned, quantize, data, feeds, eval_data, labels, bench)
+    quantized, report.models, latency, report.quantization, warnings = hand_off(
+        original, pruned, quantize, data, feeds, eval_data, labels, bench, options)
     report.quantize, report.latency = quantize, latency or report.latency
+    report.notes.extend(warnings)
     return quantized
 
 
@@ -286,7 +313,7 @@ def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, ro
             raise InputError(f"lossless removes only provably constant channels; it takes no {', '.join(given)}")
     if replay:
         given = [n for n, on in (("ratio", ratio != 0.5), ("criterion", criterion != "l1"),
-                                 ("scope", scope != "local"), ("round_to", round_to != 1),
+                                 ("scope", scope != "local"), ("round_to", round_to is not None),
                                  ("max_ratio", max_ratio != 0.9), ("head_ratio", head_ratio is not None),
                                  *((t, True) for t in targets)) if on]
         if given:
@@ -296,10 +323,12 @@ def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, ro
     if head_ratio is not None and (targets or plan == "auto" or round_to == "auto"):
         what = targets[0] if targets else "plan 'auto'" if plan == "auto" else "round_to 'auto'"
         raise InputError(f"head_ratio applies to ratio plans only, not with {what}")
-    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
-        raise InputError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
-    if round_to == "auto" and (target_macs is not None or target_params is not None or plan == "auto"):
-        raise InputError("round_to 'auto' combines with ratio or target_latency, not with MACs/params targets")
+    if round_to is not None and round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int)
+                                                        or round_to < 1):
+        raise InputError(f"round_to must be an integer >= 1, 'auto' or None (latency-friendly default), "
+                         f"got {round_to!r}")
+    if round_to is not None and target_latency is not None:
+        raise InputError("target_latency plans on the measured latency steps itself; it takes no round_to")
     if scope not in ("local", "global"):
         raise InputError(f"scope must be 'local' or 'global', got {scope!r}")
 
@@ -310,30 +339,43 @@ def _layers(analysis: Analysis, units: dict[int, np.ndarray]) -> list[dict]:
              "removed": int(len(units.get(g.id, ()))), "frozen": sorted(set(g.frozen))} for g in analysis.groups]
 
 
-def _choose_for_latency(original: onnx.ModelProto, analysis: Analysis, calib: Calibration, ratio: float,
-                        criterion: "str | Criterion", scope: str, seed: int,
-                        target_latency: float | None, latency_table: "str | os.PathLike[str] | None",
-                        max_ratio: float, notes: list[str]) -> "tuple[dict[int, np.ndarray], None, Plan]":
-    """Removed units planned on measured latency: a latency target, or ratio plans whose counts
-    are moved to the top of their latency step (`round_to='auto'`)."""
-    from onnxprune.latency import latency_plan, round_plan, table_for
+def _choose_for_latency(original: onnx.ModelProto, analysis: Analysis, calib: Calibration,
+                        criterion: "str | Criterion", seed: int, target_latency: float,
+                        latency_table: "str | os.PathLike[str] | None", max_ratio: float, notes: list[str]
+                        ) -> "tuple[dict[int, np.ndarray], None, Plan]":
+    """Removed units planned on measured latency to meet `target_latency`."""
+    from onnxprune.latency import latency_plan, table_for
 
     table = table_for(original, analysis, latency_table)
     scores = score_groups(analysis, criterion, seed, stats=calib.stats, gradients=calib.gradients)
-    if target_latency is not None:
-        chosen, estimated = latency_plan(analysis, scores, table, target_latency, max_ratio)
-        notes.append(f"latency plan: estimated latency ratio {estimated:.3f} ({table.setting})")
-    else:
-        planned = (uniform_plan(analysis, scores, ratio, 1) if scope == "local"
-                   else global_plan(analysis, scores, ratio, 1, max_ratio))
-        chosen = round_plan(analysis, scores, planned, table)
-        notes.append(f"channel counts rounded to latency steps ({table.setting})")
+    chosen, estimated = latency_plan(analysis, scores, table, target_latency, max_ratio)
+    notes.append(f"latency plan: estimated latency ratio {estimated:.3f} ({table.setting})")
     return chosen.resolve(analysis), None, chosen
+
+
+def _rounding(round_to: "int | str | None", original: onnx.ModelProto, analysis: Analysis,
+              latency_table: "str | os.PathLike[str] | None", notes: list[str]) -> "RoundTo":
+    """What kept counts are rounded by: an integer multiple as given, the latency steps of a table
+    ('auto', or the default when a table is given), else (the default) ORT's NCHWc block on this
+    machine for Conv groups. Rounding is noted in the report."""
+    if isinstance(round_to, int):
+        return round_to
+    from onnxprune.latency import BLOCK, block_rounding, conv_group_keys, layout_block, table_for, table_rounding
+
+    if round_to == "auto" or latency_table is not None:
+        table = table_for(original, analysis, latency_table)
+        notes.append(f"channel counts rounded to latency steps ({table.setting})")
+        return table_rounding(table, block_rounding(analysis, table.layout_block or BLOCK))
+    block = layout_block() or BLOCK
+    if conv_group_keys(analysis):
+        notes.append(f"Conv channel counts kept at multiples of {block} (ONNX Runtime's NCHWc block on this "
+                     "machine; round_to=1 keeps exact counts)")
+    return block_rounding(analysis, block)
 
 
 def _choose_for_target(original: onnx.ModelProto, analysis: Analysis, calib: Calibration, criterion: "str | Criterion",
                        plan: "Plan | str | os.PathLike[str] | None", target_macs: float | None,
-                       target_params: float | None, max_ratio: float, round_to: int, data, labels: str, seed: int,
+                       target_params: float | None, max_ratio: float, round_to: "RoundTo", data, labels: str, seed: int,
                        quiet: bool) -> "tuple[dict[int, np.ndarray], None, Plan]":
     """Removed units meeting MACs/params targets: global ranking, or measured sensitivity (`auto`)."""
     from onnxprune.plan import target_plan
@@ -351,7 +393,8 @@ def _choose_for_target(original: onnx.ModelProto, analysis: Analysis, calib: Cal
     return chosen.resolve(analysis), None, chosen
 
 
-def _choose(analysis: Analysis, ratio: float, criterion: "str | Criterion", scope: str, round_to: int, lossless: bool,
+def _choose(analysis: Analysis, ratio: float, criterion: "str | Criterion", scope: str, round_to: "RoundTo",
+            lossless: bool,
             plan: "Plan | str | os.PathLike[str] | None", seed: int, calib: Calibration | None = None,
             head_ratio: float | None = None, max_ratio: float = 0.9
             ) -> "tuple[dict[int, np.ndarray], dict | None, Plan]":

@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, fpgm, activation, apoz, wanda, "
                    "taylor, or module:function")
     r.add_argument("--scope", choices=["local", "global"], default="local")
-    r.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
-                   help="keep a multiple of N channels; auto: the count just below a measured latency step")
+    r.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                   help="keep a multiple of N channels (1: exact counts); auto: the count just below a measured "
+                   "latency step. Default: latency-friendly, Conv groups keep multiples of ONNX Runtime's NCHWc "
+                   "block on this machine (the latency steps with --latency-table)")
     r.add_argument("--target-latency", dest="target_latency", type=float, metavar="F",
                    help="plan on measured ORT latency: keep about F of the model's latency")
     r.add_argument("--latency-table", dest="latency_table", metavar="FILE.json",
@@ -81,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="store weights in a separate data file (the quantized model's too, as FILE.data)")
     r.add_argument("--quantize", choices=["dynamic", "static"],
                    help="then quantize with onnxruntime.quantization (static calibrates on --data)")
+    r.add_argument("--quant-format", dest="quant_format", choices=["qdq", "qoperator"],
+                   help="quantized graph format (default: QDQ; with --bench the faster of QDQ and QOperator)")
+    r.add_argument("--activation-type", dest="activation_type", choices=["int8", "uint8"],
+                   help="activation type (default for this CPU: uint8 on x86, int8 on ARM)")
+    r.add_argument("--weight-type", dest="weight_type", choices=["int8", "uint8"], help="weight type (default int8)")
+    r.add_argument("--per-channel", dest="per_channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel weight scales (default: on for static, off for dynamic)")
+    r.add_argument("--calibration", choices=["minmax", "entropy", "percentile"],
+                   help="static calibration method (default minmax)")
     r.add_argument("--quantized-output", metavar="FILE", help="where the quantized model goes "
                    "(default: next to -o, suffix .int8.onnx)")
     r.add_argument("--eval-data", metavar="FILE.npz", help="held-out inputs plus labels: report top-1 accuracy")

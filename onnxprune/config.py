@@ -109,7 +109,7 @@ def _convert(path: Path, key: str, value, action: argparse.Action | None):
     if action is None or value is None:
         return value
     bad = lambda want: InputError(f"{path}: option {key!r} expects {want}, got {value!r}")  # noqa: E731
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from onnxprune.api import PruneReport
-from onnxprune.report import MODEL_TITLES, human
+from onnxprune.report import MODEL_TITLES, human, score_rows, speedup_row
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22")
@@ -57,7 +57,7 @@ def html_page(report: PruneReport, sensitivity: "list[Curve] | None" = None, tit
         f'<p class="sub">{report.channels_removed} channels removed in {report.groups_pruned} of '
         f"{report.analysis['groups_total']} channel groups ({len(report.analysis['groups_frozen'])} frozen)"
         + (f"; quantized ({_e(report.quantize)})" if report.quantize else "") + "</p>",
-        "<h2>Size, speed and quality</h2>", _figures_table(report),
+        "<h2>Size, speed and quality</h2>", _figures_table(report), _quantization(report),
         "<h2>Verification</h2>", _verification(report),
         "<h2>Channels per layer</h2>", _layer_chart(report.layers),
         "<h2>Sensitivity</h2>", _sensitivity_section(sensitivity),
@@ -87,11 +87,12 @@ def _figures_table(report: PruneReport) -> str:
                 ["ops"] + [str(f.ops) for f in figs]]
         if all(f.latency_ms for f in figs):
             rows.append(["latency median (ms)"] + [f"{f.latency_ms['median']:.3f}" for f in figs])
+            label, values = speedup_row(figs)
+            rows.append([label] + values)
         rows.append(["max abs diff vs original"] + [f"{f.max_abs_diff:.3g}" for f in figs])
         if all(f.top1_agreement is not None for f in figs):
             rows.append(["top-1 agreement"] + [f"{f.top1_agreement:.4f}" for f in figs])
-        if all(f.accuracy is not None for f in figs):
-            rows.append(["accuracy"] + [f"{f.accuracy:.4f}" for f in figs])
+        rows += [[label] + values for label, values in score_rows(figs)]
         head = [""] + [_e(MODEL_TITLES.get(n, n)) for n in names]
     else:
         b, a = report.before, report.after
@@ -104,6 +105,18 @@ def _figures_table(report: PruneReport) -> str:
                          f"{lat.ratio:.3f}"])
         head = ["", "original", "pruned", "ratio"]
     return '<table id="figures">' + _row(head, True) + "".join(_row(r) for r in rows) + "</table>"
+
+
+def _quantization(report: PruneReport) -> str:
+    """What the quantization hand-off chose and why, and the candidates it timed."""
+    choice = report.quantization
+    if choice is None:
+        return ""
+    items = [f"<p id=\"quantization\">Quantization: {_e(choice.summary())}</p><ul>"]
+    items += [f"<li>{_e(reason)}</li>" for reason in choice.reasons]
+    items += [f"<li>candidate {_e(c['quant_format'].upper())}: {c['latency_ms']:.3f} ms (pruned float "
+              f"{c['float_latency_ms']:.3f} ms)</li>" for c in choice.candidates]
+    return "".join(items) + "</ul>"
 
 
 def _verification(report: PruneReport) -> str:

@@ -39,8 +39,8 @@ from onnx import helper
 
 from onnxprune.errors import InputError
 from onnxprune.passes.dependency import Analysis, ChannelGroup
-from onnxprune.plan import GroupPlan, Plan, keep_count, normalise_scores, planned_units
-from onnxprune.verify import random_inputs, session
+from onnxprune.plan import GroupPlan, Plan, Rounding, keep_count, normalise_scores, planned_units, round_up
+from onnxprune.verify import clock_for, random_inputs, session
 
 TABLE_FORMAT = "onnxprune-latency-table"
 TABLE_VERSION = 1
@@ -373,13 +373,6 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
-    """The clock latency is read with: with one intra-op thread ORT computes on the calling thread,
-    so its CPU time is the run's latency without the time other processes steal (on a shared
-    machine wall time mostly measures them); with more threads only wall time covers the pool."""
-    return ("thread CPU time", time.thread_time) if threads == 1 else ("wall time", time.perf_counter)
-
-
 def _fastest_ms(session, feeds: dict, runs: int, threads: int) -> float:
     """The fastest of `runs` timed runs after a warm-up: disturbances only ever add time."""
     clock = clock_for(threads)[1]
@@ -443,15 +436,45 @@ def round_plan(analysis: Analysis, scores: dict[int, np.ndarray], plan: Plan, ta
     lowest-scored ones.
     """
     by_key = {g.key: g for g in analysis.groups}
+    rnd = table_rounding(table, lambda group, keep: keep)
     out = Plan()
     for entry in plan.groups:
-        group, curve = by_key.get(entry.key), table.group_curve(entry.key)
-        if group is None or curve is None or not entry.remove:
+        group = by_key.get(entry.key)
+        if group is None or not entry.remove:
             out.groups.append(entry)
             continue
-        keep = auto_count(*curve, planned=group.size - len(entry.remove))
+        keep = rnd(group, group.size - len(entry.remove))
         out.groups.append(GroupPlan(entry.key, group.size, planned_units(group, scores[group.id], keep)))
     return out
+
+
+def conv_group_keys(analysis: Analysis) -> set[str]:
+    """Groups whose channels are a Conv's output or input channels (depthwise included): the
+    groups ORT's blocked NCHWc layout applies to."""
+    return {group.key for layer in weight_layers(analysis) if layer.node.op == "Conv"
+            for group, _ in layer.axes.values()}
+
+
+def block_rounding(analysis: Analysis, block: int) -> Rounding:
+    """Kept counts of Conv groups rounded up to multiples of `block` (ORT's NCHWc block), never
+    below one block; groups no larger than the block keep exact counts (they are outside the
+    blocked layout before pruning already). Other groups (MatMul/Gemm neurons, attention heads,
+    recurrent units) keep exact counts: MLAS GEMM has no channel staircase (docs/performance.md)."""
+    convs = conv_group_keys(analysis)
+    return lambda group, keep: round_up(group.size, keep, block) if group.key in convs else min(group.size, keep)
+
+
+def table_rounding(table: LatencyTable, fallback: Rounding) -> Rounding:
+    """Kept counts moved to the top of their measured latency step (`auto_count`); groups the
+    table has no curve for are rounded by `fallback`."""
+    curves = {}
+
+    def rnd(group: ChannelGroup, keep: int) -> int:
+        if group.key not in curves:
+            curves[group.key] = table.group_curve(group.key)
+        curve = curves[group.key]
+        return fallback(group, keep) if curve is None else min(group.size, auto_count(*curve, planned=keep))
+    return rnd
 
 
 def latency_plan(analysis: Analysis, scores: dict[int, np.ndarray], table: LatencyTable, target: float,

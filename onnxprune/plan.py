@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 
@@ -79,12 +80,36 @@ class Plan:
         return resolved
 
 
+Rounding = Callable[[ChannelGroup, int], int]
+"""(group, planned kept count) -> the kept count used: at least the planned count (never 0), at most
+the group's size, and non-decreasing in the planned count, so target searches stay monotone."""
+RoundTo = Union[int, Rounding]
+
+
+def round_up(size: int, keep: int, multiple: int) -> int:
+    """`keep` rounded up to a multiple of `multiple`, for groups larger than one multiple (a smaller
+    group keeps its exact count: rounding it up would keep every channel)."""
+    if multiple > 1 and size > multiple:
+        keep = max(multiple, int(math.ceil(keep / multiple)) * multiple)
+    return min(size, keep)
+
+
+def rounding(round_to: RoundTo) -> Rounding:
+    """A rounding function from an integer multiple (1: exact counts) or a rounding function. An
+    equal-count group (a bidirectional layer's directions) is rounded per part."""
+    if callable(round_to):
+        return round_to
+    return lambda group, keep: _round_parts(group, keep, round_to)
+
+
+def _round_parts(group: ChannelGroup, keep: int, multiple: int) -> int:
+    parts = group.part_count
+    return parts * round_up(group.size // parts, -(-keep // parts), multiple)
+
+
 def keep_count(size: int, ratio: float, round_to: int = 1, min_keep: int = 1) -> int:
     """Channels to keep when removing `ratio` of `size`, as a multiple of `round_to` where possible."""
-    keep = max(min_keep, size - int(math.floor(size * ratio + 1e-9)))
-    if round_to > 1 and size > round_to:
-        keep = min(size, max(round_to, int(math.ceil(keep / round_to)) * round_to))
-    return min(size, keep)
+    return round_up(size, max(min_keep, size - int(math.floor(size * ratio + 1e-9))), round_to)
 
 
 def _check_parts(group: ChannelGroup, remove: np.ndarray) -> None:
@@ -132,17 +157,18 @@ def normalise_scores(scores: np.ndarray) -> np.ndarray:
     return scores / scale if scale > 0 and np.isfinite(scale) else np.asarray(scores, dtype=np.float64)
 
 
-def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
-    """Remove the same fraction of every prunable group."""
+def uniform_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: RoundTo = 1) -> Plan:
+    """Remove the same fraction of every prunable group (kept counts rounded by `round_to`)."""
     _check_ratio(ratio)
+    rnd = rounding(round_to)
     plan = Plan()
     for group in analysis.prunable:
-        keep = group_keep(group, ratio, round_to)
+        keep = rnd(group, group_keep(group, ratio))
         plan.groups.append(GroupPlan(group.key, group.size, planned_units(group, scores[group.id], keep)))
     return plan
 
 
-def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
+def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: RoundTo = 1,
                 max_ratio: float = 0.9) -> Plan:
     """Remove `ratio` of all prunable channels, lowest normalised score first, across groups."""
     _check_ratio(ratio)
@@ -162,9 +188,10 @@ def global_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
         if removed[k] < caps[k]:
             removed[k] += 1
             budget -= 1
+    rnd = rounding(round_to)
     plan = Plan()
     for k, group in enumerate(groups):
-        keep = group_keep(group, removed[k] / group.size, round_to)
+        keep = rnd(group, group_keep(group, removed[k] / group.size))
         plan.groups.append(GroupPlan(group.key, group.size, planned_units(group, scores[group.id], keep)))
     return plan
 
@@ -179,13 +206,15 @@ def _global_order(groups, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, np
 
 
 def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_macs: float | None = None,
-                target_params: float | None = None, max_ratio: float = 0.9, round_to: int = 1) -> Plan:
+                target_params: float | None = None, max_ratio: float = 0.9, round_to: RoundTo = 1) -> Plan:
     """Remove channels in global order of normalised score until the kept MACs / params fractions
     reach the targets (fractions to keep); no group loses more than `max_ratio` of its channels.
 
     Scores are divided by their group's mean so groups of different scale compete fairly; the
     smallest prefix of the global order that meets every target is found by bisection on a cost
-    model (exact for weight layers), so the result lands within one channel of the target.
+    model (exact for weight layers), so the result lands within one channel of the target (one
+    rounding step with `round_to`: counts are rounded before the cost is evaluated, so a rounded
+    plan still meets the targets).
     """
     from onnxprune.cost import CostModel
 
@@ -197,6 +226,7 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
     cost = CostModel(analysis)
     owner, channel = _global_order(groups, scores)
     caps = np.array([g.size - group_keep(g, max_ratio) for g in groups], dtype=np.int64)
+    rnd = rounding(round_to)
 
     def counts_for(k: int) -> np.ndarray:
         used = np.zeros(len(groups), dtype=np.int64)
@@ -210,12 +240,16 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
         return used
 
     def units_of(used: np.ndarray) -> dict[int, np.ndarray]:
-        keeps = [group_keep(g, used[j] / g.size, round_to) for j, g in enumerate(groups)]
+        keeps = [rnd(g, group_keep(g, used[j] / g.size)) for j, g in enumerate(groups)]
         return {g.id: np.array(planned_units(g, scores[g.id], keeps[j]), dtype=np.int64)
                 for j, g in enumerate(groups) if keeps[j] < g.size}
 
     def kept(used: np.ndarray) -> tuple[float, float]:
         return cost.evaluate(units_of(used))
+
+    def closeness(used: np.ndarray) -> float:
+        macs, params = kept(used)
+        return (macs if target_macs is not None else 0.0) + (params if target_params is not None else 0.0)
 
     def meets(used: np.ndarray) -> bool:
         macs, params = kept(used)
@@ -239,9 +273,82 @@ def target_plan(analysis: Analysis, scores: dict[int, np.ndarray], *, target_mac
         steps = [before + np.eye(len(groups), dtype=np.int64)[j] for j in range(len(groups)) if before[j] < caps[j]]
         fitting = [step for step in steps if meets(step)]
         if fitting:
-            used = max(fitting, key=lambda step: sum(kept(step)))
-    units = units_of(used)
+            used = max(fitting, key=closeness)
+    units = units_of(_give_back(used, groups, caps, rnd, meets, closeness,
+                                  (target_macs or 0.0) + (target_params or 0.0)))
     return Plan([GroupPlan(g.key, g.size, [int(u) for u in units.get(g.id, [])]) for g in groups])
+
+
+SWAP_GROUPS = 32
+CLOSE_ENOUGH = 0.01
+SWAP_STEPS = 4
+"""Up to this many groups, target search also tries trading up to SWAP_STEPS rounding steps of one
+group for channels of another."""
+
+
+def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, kept, goal: float
+               ) -> np.ndarray:
+    """Move a plan that meets the targets closer to them: with rounding, the last step of the global
+    order can remove a whole block more than needed. Each round every group gets back as many
+    channels as the targets allow (bisection: meeting is monotone in the count). Only when that
+    leaves the plan more than CLOSE_ENOUGH below `goal` (the targets' sum) and the model is small
+    (coarse steps), up to SWAP_STEPS rounding steps of one group are traded for channels of another,
+    since a trade overrides the criterion's order."""
+    best = kept(used)
+    for _ in range(2 * len(groups)):
+        moves = [_most_back(used, j, meets) for j in range(len(groups)) if used[j] > 0]
+        top = max(moves, key=kept, default=None)
+        if top is not None and kept(top) > best + 1e-12:  # giving back only ever keeps more
+            used, best = top, kept(top)
+            continue
+        if best >= goal - CLOSE_ENOUGH:  # trades move channels against the criterion: only when far
+            break
+        if len(groups) <= SWAP_GROUPS:
+            for a, g in enumerate(groups):
+                up = used.copy()
+                for _ in range(SWAP_STEPS):
+                    keep = rnd(g, g.size - int(up[a]))
+                    if up[a] == 0 or keep >= g.size:
+                        break
+                    up = up.copy()
+                    up[a] = max(0, g.size - keep - 1)
+                    moves += [_least_more(up, b, int(caps[b]), meets) for b in range(len(groups)) if b != a]
+        moves = [m for m in moves if m is not None and meets(m)]
+        top = max(moves, key=kept, default=None)
+        if top is None or kept(top) <= best + 1e-12:
+            break
+        used, best = top, kept(top)
+    return used
+
+
+def _most_back(used: np.ndarray, j: int, meets) -> np.ndarray:
+    """`used` with group j's removed count as small as the targets allow."""
+    return _fewest_meeting(used, j, 0, int(used[j]), meets)
+
+
+def _least_more(used: np.ndarray, j: int, cap: int, meets) -> np.ndarray | None:
+    """`used` with group j's removed count raised just enough to meet the targets (None: cannot)."""
+    top = used.copy()
+    top[j] = cap
+    if cap < used[j] or not meets(top):
+        return None
+    return _fewest_meeting(used, j, int(used[j]), cap, meets)
+
+
+def _fewest_meeting(used: np.ndarray, j: int, lo: int, hi: int, meets) -> np.ndarray:
+    """`used` with group j's removed count the smallest in [lo, hi] that meets the targets
+    (bisection: meeting is monotone in the count; `hi` is known to meet)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = used.copy()
+        trial[j] = mid
+        if meets(trial):
+            hi = mid
+        else:
+            lo = mid + 1
+    out = used.copy()
+    out[j] = lo
+    return out
 
 
 def _check_ratio(ratio: float) -> None:

@@ -31,7 +31,9 @@ def table(report: PruneReport) -> str:
         lat = report.latency
         lines.append(f"{'latency (ms)':<16}{lat.before_ms['median']:>12.3f}{lat.after_ms['median']:>12.3f}"
                      f"{lat.ratio:>9.3f}")
-        lines.append(f"  (median of {lat.runs} interleaved runs, {lat.threads} thread(s), {lat.provider})")
+        lines.append(f"{'speedup':<16}{'1.00x':>12}{1 / lat.ratio:>11.2f}x")
+        lines.append(f"  (median of {lat.runs} interleaved runs, optimisations on, {lat.threads} thread(s), "
+                     f"{lat.provider})")
     return "\n".join(lines + _footer(report))
 
 
@@ -48,17 +50,32 @@ def models_table(report: PruneReport) -> str:
             ("ops", [str(f.ops) for f in figs])]
     if all(f.latency_ms for f in figs):
         rows.append(("latency (ms)", [f"{f.latency_ms['median']:.3f}" for f in figs]))
+        rows.append(speedup_row(figs))
     rows.append(("max abs diff", [f"{f.max_abs_diff:.3g}" for f in figs]))
     if all(f.top1_agreement is not None for f in figs):
         rows.append(("top-1 agreement", [f"{f.top1_agreement:.4f}" for f in figs]))
-    if all(f.accuracy is not None for f in figs):
-        rows.append(("accuracy", [f"{f.accuracy:.4f}" for f in figs]))
+    rows += score_rows(figs)
     lines = [f"{'':<16}" + "".join(f"{MODEL_TITLES.get(n, n):>13}" for n in names)]
     lines += [f"{label:<16}" + "".join(f"{v:>13}" for v in values) for label, values in rows]
     if all(f.latency_ms for f in figs):
-        lines.append("  (latency: median of interleaved runs, 1 thread, CPUExecutionProvider; "
-                     "diff and agreement against the original's outputs)")
+        lines.append("  (latency: median of one interleaved run of all models, optimisations on, 1 thread, thread "
+                     "CPU time, CPUExecutionProvider; speedup against the original; diff and agreement against "
+                     "the original's outputs)")
     return "\n".join(lines + _footer(report))
+
+
+def speedup_row(figs: list) -> tuple[str, list[str]]:
+    """Each model's speedup over the first (the original), from the same interleaved run."""
+    base = figs[0].latency_ms["median"]
+    return ("speedup", [f"{base / f.latency_ms['median']:.2f}x" if f.latency_ms["median"] else "-" for f in figs])
+
+
+def score_rows(figs: list) -> list[tuple[str, list[str]]]:
+    """Top-1 accuracy and macro precision / recall / F1 rows, when every model has them."""
+    return [(label, [f"{getattr(f, key):.4f}" for f in figs])
+            for label, key in (("accuracy", "accuracy"), ("macro precision", "precision"),
+                               ("macro recall", "recall"), ("macro F1", "f1"))
+            if all(getattr(f, key, None) is not None for f in figs)]
 
 
 def _footer(report: PruneReport) -> list[str]:
@@ -68,7 +85,10 @@ def _footer(report: PruneReport) -> list[str]:
         v = report.verify
         lines.append(f"verify: {'PASSED' if v.passed else 'FAILED'}  max abs diff {v.max_abs_diff:.3g}, "
                      f"max rel diff {v.max_rel_diff:.3g} (atol {v.atol:g}, rtol {v.rtol:g})")
-    if report.quantize is not None:
+    if report.quantization is not None:
+        lines.append(f"quantize: {report.quantization.summary()} (onnxruntime.quantization)")
+        lines.extend(f"  because: {reason}" for reason in report.quantization.reasons)
+    elif report.quantize is not None:
         lines.append(f"quantize: {report.quantize} (onnxruntime.quantization)")
     lines.extend(f"note: {n}" for n in report.notes)
     return lines

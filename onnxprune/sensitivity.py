@@ -20,7 +20,7 @@ from onnxprune.data import batch_size_for, is_one_shot, iter_batches, model_inpu
 from onnxprune.errors import InputError
 from onnxprune.ir import atomic_write_bytes
 from onnxprune.passes.dependency import Analysis
-from onnxprune.plan import GroupPlan, Plan, group_keep, planned_units
+from onnxprune.plan import GroupPlan, Plan, RoundTo, group_keep, planned_units, rounding
 from onnxprune.progress import progress
 from onnxprune.verify import random_inputs, session, top1_accuracy
 
@@ -206,14 +206,15 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
 
 def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, np.ndarray], calib, data, *,
               target_macs: float | None, target_params: float | None, max_ratio: float = 0.9,
-              criterion="l1", labels: str = "label", seed: int = 0, quiet: bool = False, round_to: int = 1
+              criterion="l1", labels: str = "label", seed: int = 0, quiet: bool = False, round_to: RoundTo = 1
               ) -> tuple[Plan, SensitivityResult]:
     """Non-uniform per-group ratios meeting the targets with the least measured error.
 
     Greedy on the sensitivity curves: repeatedly take the step (a few more channels of one group)
     with the smallest error increase per MAC saved, until the cost model meets every target; the
     last step is then trimmed channel by channel so the result lands on the target. With
-    `round_to` > 1 the kept counts are then rounded up to multiples of it, as `target_plan` does.
+    `round_to` the kept counts are then rounded up (a multiple, or a rounding function), as
+    `target_plan` does.
     """
     from onnxprune.cost import CostModel
 
@@ -275,8 +276,8 @@ def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, n
         fitting = [step for step in steps if meets(step)]
         if fitting:
             counts = max(fitting, key=objective)
-    if round_to > 1:
-        counts = {g.id: g.size - group_keep(g, counts[g.id] / g.size, round_to) for g in groups}
+    rnd = rounding(round_to)
+    counts = {g.id: g.size - rnd(g, group_keep(g, counts[g.id] / g.size)) for g in groups}
     chosen = units(counts)
     plan = Plan([GroupPlan(g.key, g.size, [int(u) for u in chosen.get(g.id, [])]) for g in groups])
     return plan, sens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -125,8 +125,8 @@ def compare_outputs(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: 
                             bool(np.all(diff <= atol + rtol * np.abs(a64))), min_atol)
 
 
-def top1_correct(logits: np.ndarray, labels: np.ndarray) -> int:
-    """How many samples' arg-max class equals their integer label. Classes lie on the last axis
+def top1_classes(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each sample's arg-max class, aligned with its integer label. Classes lie on the last axis
     ((N, C) with labels (N,), (N, T, C) with (N, T)) or fill each sample's row ((N, C, 1, 1));
     a count that fits neither raises rather than scoring a misaligned arg-max."""
     scores, target = np.asarray(logits), np.asarray(labels).reshape(-1)
@@ -135,7 +135,12 @@ def top1_correct(logits: np.ndarray, labels: np.ndarray) -> int:
     row = int(np.prod(scores.shape[1:])) if scores.ndim else 1
     if not per_sample or scores.size != per_sample * target.size or per_sample not in (last, row):
         raise InputError(f"{target.size} labels do not match outputs of shape {scores.shape}")
-    return int(np.sum(scores.reshape(target.size, per_sample).argmax(1) == target))
+    return scores.reshape(target.size, per_sample).argmax(1)
+
+
+def top1_correct(logits: np.ndarray, labels: np.ndarray) -> int:
+    """How many samples' arg-max class equals their integer label (see `top1_classes`)."""
+    return int(np.sum(top1_classes(logits, labels) == np.asarray(labels).reshape(-1)))
 
 
 def top1_accuracy(logits: "np.ndarray | list[np.ndarray]", labels: "np.ndarray | list[np.ndarray]") -> float:
@@ -207,9 +212,18 @@ def benchmark(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[st
     return LatencyReport(before, after, threads, runs=runs)
 
 
+def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
+    """The clock latency is read with: with one intra-op thread ORT computes on the calling thread,
+    so its CPU time is the run's latency without the time other processes steal (on a shared
+    machine wall time mostly measures them); with more threads only wall time covers the pool."""
+    return ("thread CPU time", time.thread_time) if threads == 1 else ("wall time", time.perf_counter)
+
+
 def interleaved_latency(models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], threads: int = 1,
                         warmup: int = 10, runs: int = 50) -> list[dict[str, float]]:
-    """Median and p90 milliseconds per model, runs interleaved (drift hits all alike), optimisations on."""
+    """Median and p90 milliseconds per model, runs interleaved (drift hits all alike), optimisations
+    on, read with `clock_for(threads)`."""
+    clock = clock_for(threads)[1]
     sessions = [session(m, optimize=True, threads=threads) for m in models]
     for _ in range(warmup):
         for s in sessions:
@@ -217,7 +231,7 @@ def interleaved_latency(models: list[onnx.ModelProto], feeds: dict[str, np.ndarr
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
         for s, t in zip(sessions, times):
-            start = time.perf_counter()
+            start = clock()
             s.run(None, feeds)
-            t.append((time.perf_counter() - start) * 1e3)
+            t.append((clock() - start) * 1e3)
     return [{"median": float(np.median(t)), "p90": float(np.percentile(t, 90))} for t in times]

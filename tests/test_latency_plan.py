@@ -22,13 +22,13 @@ from onnxprune.verify import random_inputs, session
 WIDTH = 32
 
 
-def two_convs() -> onnx.ModelProto:
-    """x -> conv(3->32) -> relu -> conv(32->32) -> relu -> conv(32->4): two prunable groups of 32."""
-    b = GraphBuilder(seed=3)
+def two_convs(width: int = WIDTH, seed: int = 3) -> onnx.ModelProto:
+    """x -> conv(3->W) -> relu -> conv(W->W) -> relu -> conv(W->4): two prunable groups of W (32)."""
+    b = GraphBuilder(seed=seed)
     h = b.input([1, 3, 8, 8])
-    h = b.op("Relu", [b.conv(h, 3, WIDTH)])
-    h = b.op("Relu", [b.conv(h, WIDTH, WIDTH)])
-    b.output(b.conv(h, WIDTH, 4), shape=[1, 4, 8, 8])
+    h = b.op("Relu", [b.conv(h, 3, width)])
+    h = b.op("Relu", [b.conv(h, width, width)])
+    b.output(b.conv(h, width, 4), shape=[1, 4, 8, 8])
     return b.model()
 
 
