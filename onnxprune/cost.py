@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.metrics import _node_macs
 from onnxprune.ops import Slot
+from onnxprune.ops.control_flow import all_tensors
 from onnxprune.passes.dependency import Analysis
 from onnxprune.passes.rewrite import removed_elements
 
@@ -38,7 +39,7 @@ class CostModel:
         for slot in analysis.slot_sizes:
             slots_of.setdefault(slot[0], []).append(slot)
         self.param_terms = []
-        for name, tensor in tensors.items():
+        for name, tensor in all_tensors(analysis.graph).items():  # weights read inside Loop/Scan bodies too
             if isinstance(tensor, gs.Constant):
                 self.param_terms.append(_Term(float(np.prod(tensor.shape)), slots_of.get(name, [])))
         self.base_macs = sum(t.base for t in self.mac_terms)

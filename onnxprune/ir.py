@@ -157,7 +157,8 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
         except Exception:
             inferred = skeleton
     shapes: dict[str, tuple[int, tuple]] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output) \
+            + _subgraph_value_info(inferred.graph):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             continue
@@ -170,6 +171,17 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
 
         shapes = resolve_dims(skeleton, shapes, model, probes, propagated)
     return shapes
+
+
+def _subgraph_value_info(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Inferred shapes inside Loop/Scan/If bodies (the analysis walks Loop and Scan bodies)."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found.extend(sub.value_info)
+                found.extend(_subgraph_value_info(sub))
+    return found
 
 
 def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:
@@ -204,7 +216,9 @@ def to_graph(model: onnx.ModelProto, probes: "ProbeRuns | None" = None) -> gs.Gr
     graph = gs.import_onnx(model)
     _keep_overridable_initializers(graph, model)
     _constant_nodes_to_initializers(graph)
-    for name, tensor in graph.tensors().items():
+    from onnxprune.ops.control_flow import all_tensors
+
+    for name, tensor in all_tensors(graph).items():
         if isinstance(tensor, gs.Variable) and name in shapes:
             elem, dims = shapes[name]
             if tensor.shape is None or any(d is None or isinstance(d, str) for d in tensor.shape):

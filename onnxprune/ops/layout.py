@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InternalError
+from onnxprune.ops.control_flow import all_nodes
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
 from onnxprune.ops.shape_values import Dim, Known, dim_readers, reads, shape_value
@@ -273,7 +274,7 @@ def _write_sources(edit, writes: dict, owner: str) -> None:
             raise InternalError(f"'{owner}': target element {axis} is computed and cannot be rewritten")
         node_name, index, flat = entry.source
         changes.setdefault((node_name, index), {})[flat] = new
-    nodes = {n.name: n for n in edit.graph.nodes} if changes else {}
+    nodes = {n.name: n for n in all_nodes(edit.graph)} if changes else {}  # Loop/Scan bodies too
     for (node_name, index), elems in changes.items():
         node = nodes[node_name]
         values = np.array(node.inputs[index].values)
@@ -716,6 +717,9 @@ class Expand(OpRule):
         if query is not None:
             return query
         n = v.dim((y, out_axis))
+        if slot[0] == y and _is_fill(v, x, in_axis) and isinstance(entry, Known) and (
+                entry.source is not None or v.is_const(v.inputs[1])):
+            return []  # one value broadcast (a zero state): any channel may go, `update` rewrites the count
         if n is None or in_axis < 0 or v.dim((x, in_axis)) != n:
             return Freeze("Expand broadcasts the channel axis")
         if entry is None or (isinstance(entry, Known) and entry.value not in (1, n)):
@@ -735,6 +739,13 @@ class Expand(OpRule):
             if new is not None and target[axis] != 1:
                 target[axis] = new
         edit.set_input_const(v.node, 1, target)
+
+
+def _is_fill(v: NodeView, x: str, in_axis: int) -> bool:
+    """Whether Expand broadcasts one constant value along this axis (every element equal)."""
+    value = v.const(x)
+    return (value is not None and value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
+            and (in_axis < 0 or v.dim((x, in_axis)) == 1))
 
 
 @register("Gather")

@@ -11,7 +11,7 @@ A channel is therefore unit j *of both directions*: both directions keep the sam
 same indices, and a channel is scored by both directions' weights. (Keeping different units per
 direction would need slots spanning two axes; see docs/recurrent.md.)
 
-A recurrence exported as a Loop or Scan body is frozen with a reason.
+A recurrence exported as a Loop or Scan body is analysed through the body (ops/control_flow.py).
 """
 
 from __future__ import annotations
@@ -238,16 +238,3 @@ class GRU(_Recurrent):
 class RNN(_Recurrent):
     pass
 
-
-@register("Loop", "Scan")
-class SubgraphRecurrence(OpRule):
-    """A recurrence unrolled into a Loop/Scan body: the body is not analysed, so nothing is pruned.
-
-    Its outputs' feature axes are seeded so that `analyze` lists them, frozen with the reason (a
-    Keras GRU, whose weights live inside the body, would otherwise not show up at all)."""
-
-    def seeds(self, v: NodeView) -> list[Slot]:
-        return [(name, v.rank(name) - 1) for name in v.outputs if name and (v.rank(name) or 0) >= 2]
-
-    def ties(self, v: NodeView, slot: Slot):
-        return Freeze(f"{v.op} body (a recurrence or loop exported as a subgraph) is not analysed")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops.control_flow import canonicalize_bodies
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 
 SMALL_CONSTANT = 1 << 16
@@ -30,6 +31,7 @@ COPY_MARK = "__shared"
 
 def canonicalize(graph: gs.Graph, opset: int) -> gs.Graph:
     """Apply every rewrite of this module to `graph` in place; returns it."""
+    canonicalize_bodies(graph)
     split_shared_constants(graph)
     split_shared_shape_targets(graph)
     fold_transpose_round_trips(graph, opset)
