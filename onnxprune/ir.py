@@ -148,14 +148,14 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
     graph.output.extend(model.graph.output)
     for init in model.graph.initializer:
         graph.initializer.append(_shape_only(init))
-    propagated: onnx.ModelProto | None = None
-    try:
-        inferred = propagated = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except Exception:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton)
-        except Exception:
-            inferred = skeleton
+    inferred, propagated = _infer(skeleton)
+    from onnxprune.ops.control_flow import loop_output_infos
+
+    shaped = {v.name for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
+    loop_outputs = loop_output_infos(skeleton.graph, shaped)
+    if loop_outputs:  # once more, seeded with the Loop outputs inference left shapeless
+        skeleton.graph.value_info.extend(loop_outputs)
+        inferred, propagated = _infer(skeleton)
     shapes: dict[str, tuple[int, tuple]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output) \
             + _subgraph_value_info(inferred.graph):
@@ -171,6 +171,19 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
 
         shapes = resolve_dims(skeleton, shapes, model, probes, propagated)
     return shapes
+
+
+def _infer(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, "onnx.ModelProto | None"]:
+    """(inferred model, the same if data propagation worked else None); the skeleton itself when
+    inference fails altogether."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        return inferred, inferred
+    except Exception:
+        try:
+            return onnx.shape_inference.infer_shapes(skeleton), None
+        except Exception:
+            return skeleton, None
 
 
 def _subgraph_value_info(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
@@ -83,7 +84,6 @@ def canonicalize_bodies(graph: gs.Graph) -> None:
         _body_constants(body)
         if node.op == "Loop":
             _inline_invariants(node, body)
-            _loop_output_shapes(node, body)
 
 
 def _unique_names(body: gs.Graph, tensors: set[str], nodes: set[str]) -> None:
@@ -142,16 +142,25 @@ def _inline_invariants(loop: gs.Node, body: gs.Graph) -> None:
         del loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k], loop.outputs[k]
 
 
-def _loop_output_shapes(loop: gs.Node, body: gs.Graph) -> None:
-    """Shapes symbolic inference leaves unknown on Loop outputs, from the body's declared outputs: a
-    final carried value has its body output's shape, a scan output gains a leading iteration axis."""
-    carried = len(loop.inputs) - 2
-    for k, out in enumerate(loop.outputs):
-        inner = body.outputs[1 + k] if 1 + k < len(body.outputs) else None
-        if out.shape is not None or inner is None or inner.shape is None:
+def loop_output_infos(graph: onnx.GraphProto, known: set[str]) -> list[onnx.ValueInfoProto]:
+    """Types for Loop outputs symbolic inference leaves shapeless (a carried value whose initial
+    shape differs from the body's declared one), from the body's declared outputs: a final carried
+    value has its body output's shape, a scan output gains a leading iteration axis. Given back to
+    inference as value_info, they let it reach the layers after the loop."""
+    infos = []
+    for node in graph.node:
+        if node.op_type != "Loop":
             continue
-        out.shape = list(inner.shape) if k < carried else [None, *inner.shape]
-        out.dtype = out.dtype or inner.dtype
+        body = next(a.g for a in node.attribute if a.name == "body")
+        carried = len(node.input) - 2
+        for k, name in enumerate(node.output):
+            inner = body.output[1 + k] if 1 + k < len(body.output) else None
+            if not name or name in known or inner is None or not inner.type.tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in inner.type.tensor_type.shape.dim]
+            infos.append(onnx.helper.make_tensor_value_info(
+                name, inner.type.tensor_type.elem_type, dims if k < carried else [None, *dims]))
+    return infos
 
 
 # --- analysis --------------------------------------------------------------------------------------
