@@ -3,7 +3,8 @@ both Keras export paths. Writes docs/compatibility.md between `<!-- begin: recur
 `<!-- end: recurrent -->` (other sections untouched) and prints the same table.
 
 Per model: 2 stacked layers (bidirectional for torch), 16 hidden units, a Linear head on the mean
-over time (Keras: the last step). A Keras GRU, exported as a Loop, must come out frozen with a reason. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
+over time (Keras: the last step). A Keras GRU and SimpleRNN (one layer, the last state) are exported as a `Loop`, with a dynamic and a static
+batch; their units are pruned through the loop body. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
 planting 4 dead units per layer (all gate rows and biases zero): units removed, max |diff| of the
 outputs, and whether the weights left number exactly as many as the same model built 12 wide.
 
@@ -95,21 +96,62 @@ def keras_models(path_kind: str, folder: Path) -> tuple[onnx.ModelProto, onnx.Mo
                  for k, m in enumerate(models))
 
 
-def keras_gru_row(folder: Path, start: float) -> str:
-    """Keras writes a GRU as a Loop: its units must show up frozen, with the reason."""
+def keras_loop_models(cell: str, path_kind: str, batch: "int | None", folder: Path
+                      ) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
+    """Keras GRU / SimpleRNN (both export paths write a `Loop`): (random, dead units planted,
+    built narrower), exported with a dynamic (None) or static batch."""
     import keras_export  # sets the Keras backend first
     import keras
+    import tensorflow as tf
 
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((STEPS, FEATURES))
-    model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.GRU(HIDDEN)(inp)))
-    onnx_model = onnx.load(keras_export.export(model, (STEPS, FEATURES), folder / "keras_gru.onnx", "keras"))
-    result = onnxprune.prune(onnx_model, ratio=0.5)
-    onnx.checker.check_model(result.model, full_check=True)
-    reasons = sorted({r for g in result.report.to_dict()["groups_frozen"] for r in g["reasons"] if "Loop" in r})
-    return (f"| Keras GRU (a `Loop`) | keras | {result.report.before.params} → {result.report.after.params} "
-            f"| frozen: {reasons[0].split(': ', 1)[-1] if reasons else 'no reason shown ✗'} | – | – "
-            f"| full checker ✓ ({time.perf_counter() - start:.0f} s) |")
+    def build(units: int):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((STEPS, FEATURES))
+        return keras.Model(inp, keras.layers.Dense(4)(getattr(keras.layers, cell)(units)(inp)))
+
+    planted = build(HIDDEN)
+    layer = next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell)))
+    kernel, recurrent, bias = layer.get_weights()
+    cols = [g * HIDDEN + u for g in range(kernel.shape[-1] // HIDDEN) for u in DEAD]
+    kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
+    layer.set_weights([kernel, recurrent, bias])
+    spec = tf.TensorSpec((batch, STEPS, FEATURES), tf.float32, name="x")
+    paths = []
+    for k, model in enumerate((build(HIDDEN), planted, build(HIDDEN - len(DEAD)))):
+        path = folder / f"{cell}_{path_kind}_{batch}_{k}.onnx"
+        if path_kind == "keras":
+            keras_export._quiet_tf2onnx()
+            model.export(str(path), format="onnx", verbose=False, opset_version=keras_export.OPSET, input_signature=[spec])
+        else:
+            import tf2onnx
+
+            serve = tf.function(lambda x, m=model: m(x, training=False), input_signature=[spec])
+            tf2onnx.convert.from_function(serve, input_signature=[spec], opset=keras_export.OPSET, output_path=str(path))
+        paths.append(onnx.load(str(path)))
+    return tuple(paths)
+
+
+def weight_count_all(graph: onnx.GraphProto) -> int:
+    """`weight_count` over a graph and its Loop/Scan bodies (where a pruned Keras recurrence keeps its weights)."""
+    arrays = (onnx.numpy_helper.to_array(t) for t in graph.initializer)
+    own = sum(a.size for a in arrays if np.issubdtype(a.dtype, np.floating) and np.any(a))
+    return own + sum(weight_count_all(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+
+
+def loop_row(name: str, exporter: str, models: tuple, start: float) -> str:
+    plain, planted, narrow = models
+    half = onnxprune.prune(plain, ratio=0.5)
+    onnx.checker.check_model(half.model, full_check=True)
+    feeds = random_inputs(plain, 0, batch=2)
+    same = all(a.shape == b.shape for a, b in zip(session(plain).run(None, feeds), session(half.model).run(None, feeds)))
+    exact = onnxprune.prune(planted, lossless=True, verify=True)
+    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed}"
+    narrow_ok = "✓" if weight_count_all(exact.model.graph) == weight_count_all(narrow.graph) else \
+        f"✗ ({weight_count_all(exact.model.graph)} vs {weight_count_all(narrow.graph)})"
+    check = "full checker ✓, ORT shapes ✓" if same else "ORT output shapes differ ✗"
+    return (f"| {name} | {exporter} | {half.report.before.params} → {half.report.after.params} | {units} "
+            f"| {exact.report.channels_removed}, {exact.report.verify.max_abs_diff:.1e} | {narrow_ok} "
+            f"| {check} ({time.perf_counter() - start:.0f} s) |")
 
 
 def row(name: str, exporter: str, models: tuple, start: float) -> str:
@@ -156,8 +198,14 @@ def main() -> int:
                 start = time.perf_counter()
                 rows.append(row("Keras LSTM 2-layer", path_kind, keras_models(path_kind, Path(tmp)), start))
                 print(rows[-1], flush=True)
-            rows.append(keras_gru_row(Path(tmp), time.perf_counter()))
-            print(rows[-1], flush=True)
+            for cell in ("GRU", "SimpleRNN"):
+                for path_kind in ("keras", "tf2onnx"):
+                    for batch in (None, BATCH):
+                        start = time.perf_counter()
+                        shape = "dynamic batch" if batch is None else f"batch {batch}"
+                        models = keras_loop_models(cell, path_kind, batch, Path(tmp))
+                        rows.append(loop_row(f"Keras {cell} (a `Loop`), {shape}", path_kind, models, start))
+                        print(rows[-1], flush=True)
         except ImportError as exc:
             print(f"Keras rows skipped: {exc}")
     write_rows(rows)
