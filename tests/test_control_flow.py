@@ -159,6 +159,31 @@ def test_input_projection_read_inside_the_body_is_pruned():
     assert group.prunable and ("W", 0) in {m.slot for m in group.members}
 
 
+def test_constant_feature_read_inside_the_body_is_folded_there():
+    """A projected input feature that is constant (zero weight column, bias 0.7) reaches the body
+    through Transpose and Gather; lossless removal folds 0.7·W[c] into a bias after the body's
+    MatMul, added inside the body, and the outputs do not change."""
+    model = loop_rnn()
+    proj = next(t for t in model.graph.initializer if t.name == "proj")
+    weights = numpy_helper.to_array(proj).copy()
+    weights[:, 2] = 0
+    proj.CopyFrom(_init("proj", weights))
+    bias = np.zeros(F, np.float32)
+    bias[2] = 0.7
+    model.graph.initializer.append(_init("proj_bias", bias))
+    project = next(n for n in model.graph.node if n.name == "project")
+    project.output[0] = "xf_raw"
+    model.graph.node.insert(1, helper.make_node("Add", ["xf_raw", "proj_bias"], ["xf"], name="project_bias"))
+    result = onnxprune.prune(model, lossless=True)
+    assert result.report.channels_removed == 1
+    onnx.checker.check_model(result.model, full_check=True)
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    assert "Add" in {n.op_type for n in loop.attribute[0].g.node if n.name.endswith("_bias_add")}
+    feeds = random_inputs(model, 0)
+    np.testing.assert_allclose(session(result.model).run(None, feeds)[0], session(model).run(None, feeds)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_body_reshaping_the_state_to_a_run_time_target_freezes_with_the_node():
     """A body that reshapes the carried state to a shape carried from outside (computed at run time)
     cannot be followed: the hidden units freeze with the reshape's name in the reason."""

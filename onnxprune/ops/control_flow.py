@@ -63,6 +63,15 @@ def all_tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
     return tensors
 
 
+def scope_of(graph: gs.Graph, node: gs.Node) -> gs.Graph:
+    """The graph (outer, or an analysed body) whose node list holds `node`; new nodes that must
+    run next to it go there."""
+    for _, body in bodies(graph):
+        if any(n is node for n in body.nodes):
+            return body
+    return graph
+
+
 def body_owners(graph: gs.Graph) -> dict[str, gs.Node]:
     """Body input and output names mapped to the Loop/Scan that binds them."""
     owners: dict[str, gs.Node] = {}
@@ -77,27 +86,27 @@ def body_owners(graph: gs.Graph) -> dict[str, gs.Node]:
 def canonicalize_bodies(graph: gs.Graph) -> None:
     """Make body names unique across scopes, body Constant nodes initializers, and pass-through
     carried constants outer-scope reads (exact rewrites, see the module docstring)."""
-    taken_tensors = set(graph.tensors())
+    seen = dict(graph.tensors())
     taken_nodes = {n.name for n in graph.nodes}
+    outputs = {t.name for t in graph.outputs}
     for node, body in list(bodies(graph)):
-        _unique_names(body, taken_tensors, taken_nodes)
+        _unique_names(body, seen, taken_nodes)
         _body_constants(body)
         if node.op == "Loop":
-            _inline_invariants(node, body)
+            _inline_invariants(node, body, outputs)
 
 
-def _unique_names(body: gs.Graph, tensors: set[str], nodes: set[str]) -> None:
-    """Rename body-local tensors and nodes whose names another scope already uses (binding is
-    positional, so renaming a body's own names changes nothing)."""
-    local = {t.name for n in body.nodes for t in n.outputs} | {t.name for t in body.inputs}
-    local |= {t.name for n in body.nodes for t in n.inputs if isinstance(t, gs.Constant) and not t.outputs[1:]}
+def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -> None:
+    """Rename body tensors whose name another scope gives to a different tensor, and body nodes
+    whose name is empty or taken (binding is positional, so a body's own names are free to change;
+    outer tensors the body reads are the same objects and keep theirs)."""
     for name, tensor in body.tensors().items():
-        if name in local and name in tensors:
+        if name in seen and seen[name] is not tensor:
             k = 1
-            while f"{name}__{k}" in tensors:
+            while f"{name}__{k}" in seen:
                 k += 1
             tensor.name = f"{name}__{k}"
-        tensors.add(tensor.name)
+        seen[tensor.name] = tensor
     for index, node in enumerate(body.nodes):
         if not node.name or node.name in nodes:
             base = node.name or f"{node.op}_{index}"
@@ -124,7 +133,7 @@ def _body_constants(body: gs.Graph) -> None:
         body.nodes.remove(node)
 
 
-def _inline_invariants(loop: gs.Node, body: gs.Graph) -> None:
+def _inline_invariants(loop: gs.Node, body: gs.Graph, graph_outputs: set[str]) -> None:
     """Drop loop-carried values that start as a constant and that the body returns unchanged: the
     body reads the constant itself, and outer readers of the final value read it too."""
     from onnxprune.passes.canonical import replace_uses
@@ -133,13 +142,17 @@ def _inline_invariants(loop: gs.Node, body: gs.Graph) -> None:
     drop = []
     for k in range(carried):
         start, inside = loop.inputs[2 + k], body.inputs[2 + k]
-        if isinstance(start, gs.Constant) and body.outputs[1 + k] is inside and inside not in body.outputs[:1 + k]:
+        final = loop.outputs[k].name if k < len(loop.outputs) else ""
+        if (isinstance(start, gs.Constant) and body.outputs[1 + k] is inside
+                and sum(t is inside for t in body.outputs) == 1 and final not in graph_outputs):
             drop.append(k)
     for k in reversed(drop):
         start, inside = loop.inputs[2 + k], body.inputs[2 + k]
         replace_uses(inside, start)
-        replace_uses(loop.outputs[k], start)
-        del loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k], loop.outputs[k]
+        if k < len(loop.outputs):
+            replace_uses(loop.outputs[k], start)
+            del loop.outputs[k]
+        del loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
 
 
 def loop_output_infos(graph: onnx.GraphProto, known: set[str]) -> list[onnx.ValueInfoProto]:

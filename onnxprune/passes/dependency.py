@@ -80,7 +80,7 @@ class Analysis:
         may still shrink). A pattern matching no node at all is refused: a typo would otherwise
         leave the layer silently unprotected.
         """
-        names = [node.name for node in self.graph.nodes]
+        names = [node.name for node in all_nodes(self.graph)]
         unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
         if unmatched:
             raise InputError(", ".join(f"--exclude '{pat}'" for pat in unmatched) + " matches no node")

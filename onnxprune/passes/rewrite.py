@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import InternalError, OnnxPruneError
 from onnxprune.ir import array_to_tensor, tensor_to_array
 from onnxprune.ops import Slot
-from onnxprune.ops.control_flow import all_nodes, all_tensors, bodies
+from onnxprune.ops.control_flow import all_nodes, all_tensors, bodies, scope_of
 from onnxprune.passes.dependency import Analysis, rule_for, unique_sorted
 
 
@@ -90,7 +90,7 @@ class Edit:
         bias = gs.Constant(self.unique_name(f"{node.name}_bias_comp"), delta.astype(dtype))
         node.outputs[0] = mid
         add = gs.Node("Add", self.unique_name(f"{node.name}_bias_add"), inputs=[mid, bias], outputs=[out])
-        self.graph.nodes.append(add)
+        scope_of(self.graph, node).nodes.append(add)  # a weight layer inside a Loop body gets its Add there
         self._mirror((bias.name, 0), like, len(delta))
 
     def _mirror(self, new: Slot, like: Slot, size: int) -> None:
