@@ -94,6 +94,12 @@ def canonicalize_bodies(graph: gs.Graph) -> None:
         _body_constants(body)
         if node.op == "Loop":
             _inline_invariants(node, body, outputs)
+    found = list(bodies(graph))
+    for node, body in found:
+        _private_copies(body)
+        _private_fills(graph, node)
+    if found:
+        graph.toposort()  # copied fills run before their loops
 
 
 def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -> None:
@@ -116,6 +122,42 @@ def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -
                 name = f"{base}_{k}"
             node.name = name
         nodes.add(node.name)
+
+
+def _private_copies(body: gs.Graph) -> None:
+    """Every body reader of a small constant that others read too gets its own copy, as
+    `split_shared_constants` does in the outer graph (exporters deduplicate equal initializers: two
+    GRU layers' zero biases, once inlined, would otherwise tie the layers' units)."""
+    from onnxprune.passes.canonical import COPY_MARK, SMALL_CONSTANT, set_input
+
+    for node in body.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1 and 1 < _size(tensor) <= SMALL_CONSTANT:
+                set_input(node, i, gs.Constant(f"{tensor.name}{COPY_MARK}_{node.name}", np.array(tensor.values, copy=True)))
+
+
+def _private_fills(graph: gs.Graph, owner: gs.Node) -> None:
+    """A zero state `Expand(0, shape)` that several loops start from (tf2onnx shares one between the
+    two directions of a Keras Bidirectional) gets one Expand per loop, so their units stay apart
+    (the outer pass then gives each Expand its own target Concat)."""
+    for i, tensor in enumerate(owner.inputs):
+        producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
+        if producer is None or producer.op != "Expand" or len(tensor.outputs) < 2 or _fill_value(tensor) is None:
+            continue
+        copy = gs.Variable(f"{tensor.name}{_copy_mark()}_{owner.name}", dtype=tensor.dtype, shape=tensor.shape)
+        scope_of(graph, producer).nodes.append(
+            gs.Node("Expand", f"{producer.name}_{owner.name}", inputs=list(producer.inputs), outputs=[copy]))
+        owner.inputs[i] = copy
+
+
+def _copy_mark() -> str:
+    from onnxprune.passes.canonical import COPY_MARK
+
+    return COPY_MARK
+
+
+def _size(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape)) if tensor.shape is not None else 0
 
 
 def _body_constants(body: gs.Graph) -> None:
