@@ -229,7 +229,10 @@ def to_graph(model: onnx.ModelProto, probes: "ProbeRuns | None" = None) -> gs.Gr
     graph = gs.import_onnx(model)
     _keep_overridable_initializers(graph, model)
     _constant_nodes_to_initializers(graph)
-    from onnxprune.ops.control_flow import all_tensors
+    from onnxprune.ops.control_flow import all_tensors, bodies
+
+    for _, body in list(bodies(graph)):  # a Loop/Scan body's weights may be Constant nodes
+        _constant_nodes_to_initializers(body)
 
     for name, tensor in all_tensors(graph).items():
         if isinstance(tensor, gs.Variable) and name in shapes:
@@ -306,14 +309,17 @@ def from_graph(graph: gs.Graph, meta: ModelMeta, into: onnx.ModelProto | None = 
     """
     from onnxprune.passes.canonical import rejoin_copies
 
+    from onnxprune.ops.control_flow import hoist_shared_initializers
+
     rejoin_copies(graph)
     if into is None:
         model = gs.export_onnx(graph, do_type_check=False)
-        meta.apply(model)
-        return model
-    _export_into(graph, into)
-    meta.apply(into)
-    return into
+    else:
+        _export_into(graph, into)
+        model = into
+    hoist_shared_initializers(model.graph)
+    meta.apply(model)
+    return model
 
 
 def _lazy_constants(graph: gs.Graph) -> dict[str, gs.Constant]:

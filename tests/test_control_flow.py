@@ -242,3 +242,21 @@ def test_if_branches_still_freeze_what_they_read():
     summary = onnxprune.analyze(model).summary()
     frozen = [g for g in summary["groups_frozen"] if g["group"].startswith("W:")]
     assert frozen and any("read inside the subgraph of If 'choose'" in r for r in frozen[0]["reasons"]), summary
+
+
+def test_reverse_sequence_passes_the_feature_axis():
+    """Keras writes a backward layer's output sequence reversed by ReverseSequence (time axis 0,
+    batch axis 1): the feature axis passes through and prunes like the masked reference."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="project"),
+         helper.make_node("ReverseSequence", ["h", "lens"], ["r"], name="reverse", batch_axis=1, time_axis=0),
+         helper.make_node("MatMul", ["r", "head"], ["y"], name="head")],
+        "reverse", [helper.make_tensor_value_info("x", FLOAT, [T, B, I])], [helper.make_tensor_value_info("y", FLOAT, [T, B, 3])],
+        [_init("W", rng.standard_normal((I, H)).astype(np.float32)), _init("head", rng.standard_normal((H, 3)).astype(np.float32)),
+         _init("lens", np.array([T, T - 1], np.int64))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = onnxprune.prune(model, ratio=0.5)
+    assert result.report.groups_pruned == 1
+    assert_matches_masked(model, result)

@@ -84,14 +84,14 @@ def body_owners(graph: gs.Graph) -> dict[str, gs.Node]:
 # --- import ----------------------------------------------------------------------------------------
 
 def canonicalize_bodies(graph: gs.Graph) -> None:
-    """Make body names unique across scopes, body Constant nodes initializers, and pass-through
-    carried constants outer-scope reads (exact rewrites, see the module docstring)."""
+    """Make body names unique across scopes and pass-through carried constants outer-scope reads,
+    and give each body reader private copies of shared small constants and zero states (exact
+    rewrites, see the module docstring; `ir.to_graph` has already made Constant nodes initializers)."""
     seen = dict(graph.tensors())
     taken_nodes = {n.name for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}
     for node, body in list(bodies(graph)):
         _unique_names(body, seen, taken_nodes)
-        _body_constants(body)
         if node.op == "Loop":
             _inline_invariants(node, body, outputs)
     found = list(bodies(graph))
@@ -144,10 +144,27 @@ def _private_fills(graph: gs.Graph, owner: gs.Node) -> None:
         producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
         if producer is None or producer.op != "Expand" or len(tensor.outputs) < 2 or _fill_value(tensor) is None:
             continue
-        copy = gs.Variable(f"{tensor.name}{_copy_mark()}_{owner.name}", dtype=tensor.dtype, shape=tensor.shape)
-        scope_of(graph, producer).nodes.append(
-            gs.Node("Expand", f"{producer.name}_{owner.name}", inputs=list(producer.inputs), outputs=[copy]))
-        owner.inputs[i] = copy
+        owner.inputs[i] = _copy_chain(tensor, owner.name, scope_of(graph, producer))
+
+
+TARGET_OPS = ("Expand", "Cast", "Concat", "Unsqueeze", "Identity")
+"""Ops a zero state and its target shape are built from, copied per reader by `_private_fills`."""
+
+
+def _copy_chain(tensor: gs.Tensor, suffix: str, scope: gs.Graph) -> gs.Tensor:
+    """A private copy of `tensor` for one reader: constants are copied, and so are the TARGET_OPS
+    nodes computing it from them, so each reader's channel count can be rewritten alone; other
+    run-time values (the batch size read by Shape) stay shared."""
+    name = f"{tensor.name}{_copy_mark()}_{suffix}"
+    if isinstance(tensor, gs.Constant):
+        return gs.Constant(name, np.array(tensor.values, copy=True))
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op not in TARGET_OPS:
+        return tensor
+    inputs = [_copy_chain(t, suffix, scope) for t in producer.inputs]
+    copy = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
+    scope.nodes.append(gs.Node(producer.op, f"{producer.name}_{suffix}", dict(producer.attrs), inputs, [copy]))
+    return copy
 
 
 def _copy_mark() -> str:
@@ -158,21 +175,6 @@ def _copy_mark() -> str:
 
 def _size(tensor: gs.Constant) -> int:
     return int(np.prod(tensor.shape)) if tensor.shape is not None else 0
-
-
-def _body_constants(body: gs.Graph) -> None:
-    from onnxprune.passes.canonical import replace_uses
-
-    for node in list(body.nodes):
-        if node.op != "Constant" or len(node.outputs) != 1 or "value" not in node.attrs:
-            continue
-        out = node.outputs[0]
-        if out in body.outputs:
-            continue
-        value = node.attrs["value"]
-        replace_uses(out, gs.Constant(out.name, value.values if hasattr(value, "values") else np.asarray(value)))
-        node.outputs.clear()
-        body.nodes.remove(node)
 
 
 def _inline_invariants(loop: gs.Node, body: gs.Graph, graph_outputs: set[str]) -> None:
@@ -216,6 +218,33 @@ def loop_output_infos(graph: onnx.GraphProto, known: set[str]) -> list[onnx.Valu
             infos.append(onnx.helper.make_tensor_value_info(
                 name, inner.type.tensor_type.elem_type, dims if k < carried else [None, *dims]))
     return infos
+
+
+def hoist_shared_initializers(graph: onnx.GraphProto) -> None:
+    """Move initializers that several subgraphs hold under one name (an outer constant that only
+    bodies read: graphsurgeon exports it into each) to the outer graph, once; drop body copies of
+    an outer initializer."""
+    held: dict[str, list[tuple[onnx.GraphProto, int]]] = {}
+
+    def visit(sub: onnx.GraphProto) -> None:
+        for node in sub.node:
+            for attr in node.attribute:
+                for inner in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    for k, init in enumerate(inner.initializer):
+                        held.setdefault(init.name, []).append((inner, k))
+                    visit(inner)
+
+    visit(graph)
+    outer = {t.name for t in graph.initializer}
+    shared = {name: places for name, places in held.items() if len(places) > 1 or name in outer}
+    for name, places in shared.items():
+        if name not in outer:  # already there when an outer node reads it too
+            first, k = places[0]
+            graph.initializer.append(first.initializer[k])
+    for sub in {id(g): g for places in shared.values() for g, _ in places}.values():
+        keep = [t for t in sub.initializer if t.name not in shared]
+        del sub.initializer[:]
+        sub.initializer.extend(keep)
 
 
 # --- analysis --------------------------------------------------------------------------------------

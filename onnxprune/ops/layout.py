@@ -836,3 +836,22 @@ def _gather_in_axis(out_axis: int, axis: int, index_rank: int) -> int | None:
     if out_axis >= axis + index_rank:
         return out_axis - index_rank + 1
     return None
+
+
+@register("ReverseSequence")
+class ReverseSequence(OpRule):
+    """Reverses each sequence along the time axis (Keras writes a backward recurrent layer's output
+    so): every other axis but the batch axis passes through unchanged."""
+
+    value_preserving = True
+
+    def ties(self, v: NodeView, slot: Slot):
+        x, y = v.inputs[0], v.outputs[0]
+        if slot[0] not in (x, y):
+            return Freeze("the sequence lengths of ReverseSequence carry no channels")
+        rank = v.rank(x) or v.rank(y)
+        fixed = {int(v.attr("batch_axis", 1)) % (rank or 2), int(v.attr("time_axis", 0)) % (rank or 2)}
+        n = v.dim((x, slot[1])) or v.dim((y, slot[1]))
+        if slot[1] in fixed or n is None:
+            return Freeze("channels lie along the batch or time axis of ReverseSequence")
+        return [identity((x, slot[1]), (y, slot[1]), n)]
