@@ -78,3 +78,53 @@ def float_params(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         total += sum(float_params(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
     return total
+
+
+@pytest.fixture(scope="module")
+def bidirectional_exports(tmp_path_factory):
+    """A Bidirectional GRU (return_sequences) under a GRU, dead units planted independently in each
+    of the three cells, exported by Keras; and the same built narrower."""
+    pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    import keras_export  # noqa: F401  (sets the backend before keras is imported)
+    import keras
+
+    layers = keras.layers
+
+    def build(units: int):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((STEPS, FEATURES))
+        h = layers.Bidirectional(layers.GRU(units, return_sequences=True))(inp)
+        return keras.Model(inp, layers.Dense(3)(layers.GRU(units)(h)))
+
+    planted = build(UNITS)
+    rng = np.random.default_rng(0)
+    for layer in planted.layers:
+        cells = [layer.forward_layer, layer.backward_layer] if isinstance(layer, layers.Bidirectional) else \
+            [layer] if isinstance(layer, layers.GRU) else []
+        for cell in cells:
+            kernel, recurrent, bias = cell.get_weights()
+            cols = [g * UNITS + u for g in range(3) for u in rng.choice(UNITS, len(DEAD), replace=False)]
+            kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
+            cell.set_weights([kernel, recurrent, bias])
+    folder = tmp_path_factory.mktemp("keras_bidirectional")
+    paths = [keras_export.export(m, (STEPS, FEATURES), folder / f"{name}.onnx", "keras")
+             for name, m in (("planted", planted), ("narrow", build(UNITS - len(DEAD))))]
+    return onnx.load(paths[0]), onnx.load(paths[1])
+
+
+@pytest.mark.keras
+def test_keras_bidirectional_stacked_gru_loops(bidirectional_exports):
+    """Three Loops: the two directions (one zero state shared by both, the backward output reversed
+    by ReverseSequence) and the next layer stay separate groups, each losing its own dead units."""
+    model, narrow = bidirectional_exports
+    assert sum(n.op_type == "Loop" for n in model.graph.node) == 3
+    half = onnxprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(half.model, full_check=True)
+    assert half.report.groups_pruned == 3
+    result = onnxprune.prune(model, lossless=True)
+    assert result.report.channels_removed == 3 * len(DEAD)
+    feeds = random_inputs(model, 0, batch=3)
+    for a, b in zip(session(model).run(None, feeds), session(result.model).run(None, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    assert float_params(result.model.graph) == float_params(narrow.graph)
