@@ -103,6 +103,7 @@ def keras_loop_models(cell: str, path_kind: str, batch: "int | None", folder: Pa
     import keras_export  # sets the Keras backend first
     import keras
     import tensorflow as tf
+    from keras_models import zero_units
 
     def build(units: int):
         keras.utils.set_random_seed(0)
@@ -110,11 +111,7 @@ def keras_loop_models(cell: str, path_kind: str, batch: "int | None", folder: Pa
         return keras.Model(inp, keras.layers.Dense(4)(getattr(keras.layers, cell)(units)(inp)))
 
     planted = build(HIDDEN)
-    layer = next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell)))
-    kernel, recurrent, bias = layer.get_weights()
-    cols = [g * HIDDEN + u for g in range(kernel.shape[-1] // HIDDEN) for u in DEAD]
-    kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
-    layer.set_weights([kernel, recurrent, bias])
+    zero_units(next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell))), HIDDEN, DEAD)
     spec = tf.TensorSpec((batch, STEPS, FEATURES), tf.float32, name="x")
     paths = []
     for k, model in enumerate((build(HIDDEN), planted, build(HIDDEN - len(DEAD)))):

@@ -25,6 +25,7 @@ def exports(request, tmp_path_factory):
     pytest.importorskip("tf2onnx")
     import keras_export  # noqa: F401  (sets the backend before keras is imported)
     import keras
+    from keras_models import export_planted_and_narrow, zero_units
 
     cell, sequences, path_kind = request.param
 
@@ -35,15 +36,9 @@ def exports(request, tmp_path_factory):
         return keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(h) if sequences else h))
 
     planted = build(UNITS)
-    layer = next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell)))
-    kernel, recurrent, bias = layer.get_weights()  # gate blocks along the last axis (GRU: z, r, h)
-    cols = [g * UNITS + u for g in range(kernel.shape[-1] // UNITS) for u in DEAD]
-    kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
-    layer.set_weights([kernel, recurrent, bias])
-    folder = tmp_path_factory.mktemp("keras_loop")
-    paths = [keras_export.export(m, (STEPS, FEATURES), folder / f"{name}.onnx", path_kind)
-             for name, m in (("planted", planted), ("narrow", build(UNITS - len(DEAD))))]
-    return onnx.load(paths[0]), onnx.load(paths[1])
+    zero_units(next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell))), UNITS, DEAD)
+    return export_planted_and_narrow(planted, build(UNITS - len(DEAD)), (STEPS, FEATURES),
+                                     tmp_path_factory.mktemp("keras_loop"), path_kind)
 
 
 @pytest.mark.keras
@@ -88,6 +83,7 @@ def bidirectional_exports(tmp_path_factory):
     pytest.importorskip("tf2onnx")
     import keras_export  # noqa: F401  (sets the backend before keras is imported)
     import keras
+    from keras_models import export_planted_and_narrow, zero_units
 
     layers = keras.layers
 
@@ -103,14 +99,9 @@ def bidirectional_exports(tmp_path_factory):
         cells = [layer.forward_layer, layer.backward_layer] if isinstance(layer, layers.Bidirectional) else \
             [layer] if isinstance(layer, layers.GRU) else []
         for cell in cells:
-            kernel, recurrent, bias = cell.get_weights()
-            cols = [g * UNITS + u for g in range(3) for u in rng.choice(UNITS, len(DEAD), replace=False)]
-            kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
-            cell.set_weights([kernel, recurrent, bias])
-    folder = tmp_path_factory.mktemp("keras_bidirectional")
-    paths = [keras_export.export(m, (STEPS, FEATURES), folder / f"{name}.onnx", "keras")
-             for name, m in (("planted", planted), ("narrow", build(UNITS - len(DEAD))))]
-    return onnx.load(paths[0]), onnx.load(paths[1])
+            zero_units(cell, UNITS, rng.choice(UNITS, len(DEAD), replace=False))
+    return export_planted_and_narrow(planted, build(UNITS - len(DEAD)), (STEPS, FEATURES),
+                                     tmp_path_factory.mktemp("keras_bidirectional"))
 
 
 @pytest.mark.keras
