@@ -33,13 +33,13 @@ class CostModel:
 
     def __init__(self, analysis: Analysis) -> None:
         self.analysis = analysis
-        tensors = analysis.graph.tensors()  # once: a walk of the whole graph per node was quadratic
+        tensors = all_tensors(analysis.graph)  # once (a walk per node was quadratic); Loop bodies' weights too
         self.mac_terms = [t for t in (self._node_term(n, tensors) for n in analysis.graph.nodes) if t is not None]
         slots_of: dict[str, list[Slot]] = {}
         for slot in analysis.slot_sizes:
             slots_of.setdefault(slot[0], []).append(slot)
         self.param_terms = []
-        for name, tensor in all_tensors(analysis.graph).items():  # weights read inside Loop/Scan bodies too
+        for name, tensor in tensors.items():
             if isinstance(tensor, gs.Constant):
                 self.param_terms.append(_Term(float(np.prod(tensor.shape)), slots_of.get(name, [])))
         self.base_macs = sum(t.base for t in self.mac_terms)
