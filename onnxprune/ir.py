@@ -152,7 +152,7 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
     from onnxprune.ops.control_flow import loop_output_infos
 
     shaped = {v.name for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
-    loop_outputs = loop_output_infos(skeleton.graph, shaped)
+    loop_outputs = loop_output_infos(inferred.graph, shaped)
     if loop_outputs:  # once more, seeded with the Loop outputs inference left shapeless
         skeleton.graph.value_info.extend(loop_outputs)
         inferred, propagated = _infer(skeleton)
@@ -192,7 +192,7 @@ def _subgraph_value_info(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     for node in graph.node:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                found.extend(sub.value_info)
+                found.extend([*sub.value_info, *sub.input, *sub.output])  # inference refines body I/O too
                 found.extend(_subgraph_value_info(sub))
     return found
 

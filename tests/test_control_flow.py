@@ -62,15 +62,18 @@ def _model(nodes, inits, outputs_from: tuple[str, str], hidden: int, w: dict) ->
     return model
 
 
-def loop_rnn(hidden: int = H, dead=(), carried_weights: bool = False, seed: int = 0) -> onnx.ModelProto:
+def loop_rnn(hidden: int = H, dead=(), carried_weights: bool = False, scripted: bool = False, seed: int = 0
+             ) -> onnx.ModelProto:
     """Keras/tf2onnx form: a Loop whose body reads step t of an outer [T, B, F] tensor with Gather,
     a zero state Expand-ed to a run-time batch size, the weights either read from the outer scope or
-    passed through as loop-carried state, and the per-step state concatenated as a scan output."""
+    passed through as loop-carried state, and the per-step state concatenated as a scan output.
+    `scripted`: the torch.jit.script form instead, a ConstantOfShape zero state and a body state
+    input declared with symbolic dims."""
     w = _rng_weights(seed, hidden, dead)
     carried = ["W", "R"] if carried_weights else []
     body_in = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-               helper.make_tensor_value_info("h_in", FLOAT, [None, hidden])]
+               helper.make_tensor_value_info("h_in", FLOAT, ["h_dim_0", "h_dim_1"] if scripted else [None, hidden])]
     body_in += [helper.make_tensor_value_info(f"{n}_in", FLOAT, list(w[n].shape)) for n in carried]
     weight = {n: f"{n}_in" if n in carried else n for n in ("W", "R")}
     body_nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_copy"),
@@ -88,12 +91,13 @@ def loop_rnn(hidden: int = H, dead=(), carried_weights: bool = False, seed: int 
         helper.make_node("Shape", ["x"], ["x_shape"], name="batch_shape"),
         helper.make_node("Slice", ["x_shape", "zero1", "one1"], ["batch"], name="batch_size"),
         helper.make_node("Concat", ["batch", "width"], ["h0_shape"], name="state_shape", axis=0),
+        helper.make_node("ConstantOfShape", ["h0_shape"], ["h0"], name="zero_state") if scripted else
         helper.make_node("Expand", ["zero", "h0_shape"], ["h0"], name="zero_state"),
         helper.make_node("Loop", ["trips", "true", "h0", *carried], ["h_last", *[f"{n}_final" for n in carried], "ys"],
                          name="recurrence", body=body),
         helper.make_node("Transpose", ["ys"], ["seq"], name="batch_major", perm=[1, 0, 2])]
-    inits = [_init("trips", np.array(T, np.int64)), _init("true", np.array(True)), _init("zero", np.float32(0)),
-             _init("zero1", np.array([0], np.int64)), _init("one1", np.array([1], np.int64)),
+    inits = [_init("trips", np.array(T, np.int64)), _init("true", np.array(True)),
+             *([] if scripted else [_init("zero", np.float32(0))]), _init("zero1", np.array([0], np.int64)), _init("one1", np.array([1], np.int64)),
              _init("width", np.array([hidden], np.int64)), _init("W", w["W"]), _init("R", w["R"]), _init("b", w["b"])]
     return _model(nodes, inits, ("seq", "h_last"), hidden, w)
 
@@ -119,7 +123,7 @@ def scan_rnn(hidden: int = H, dead=(), seed: int = 0) -> onnx.ModelProto:
 
 
 BUILDERS = {"loop": loop_rnn, "loop_carried_weights": lambda **kw: loop_rnn(carried_weights=True, **kw),
-            "scan": scan_rnn}
+            "loop_scripted": lambda **kw: loop_rnn(scripted=True, **kw), "scan": scan_rnn}
 
 
 def _hidden_group(analysis) -> list:

@@ -94,6 +94,7 @@ def canonicalize_bodies(graph: gs.Graph) -> None:
         _unique_names(body, seen, taken_nodes)
         if node.op == "Loop":
             _inline_invariants(node, body, outputs)
+            _carried_shapes(node, body)
     found = list(bodies(graph))
     for node, body in found:
         _private_copies(body)
@@ -122,6 +123,19 @@ def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -
                 name = f"{base}_{k}"
             node.name = name
         nodes.add(node.name)
+
+
+def _carried_shapes(loop: gs.Node, body: gs.Graph) -> None:
+    """Pin a carried value's dims that the body input leaves symbolic where the initial value and
+    the body's output agree on a static size (by induction every iteration has it): exporters
+    declare body inputs with symbolic dims (torch.jit.script loops)."""
+    for k in range(len(loop.inputs) - 2):
+        start, inside, result = loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
+        if not all(t.shape is not None for t in (start, inside, result)) or not \
+                len(start.shape) == len(inside.shape) == len(result.shape):
+            continue
+        inside.shape = [int(b) if isinstance(b, (int, np.integer)) and b == c else a
+                        for a, b, c in zip(inside.shape, start.shape, result.shape)]
 
 
 def _private_copies(body: gs.Graph) -> None:

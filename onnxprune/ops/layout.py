@@ -855,3 +855,36 @@ class ReverseSequence(OpRule):
         if slot[1] in fixed or n is None:
             return Freeze("channels lie along the batch or time axis of ReverseSequence")
         return [identity((x, slot[1]), (y, slot[1]), n)]
+
+
+@register("ConstantOfShape")
+class ConstantOfShape(OpRule):
+    """One value filled into a shape (torch's zero state `ConstantOfShape(Concat(batch, [H]))`):
+    every channel holds the same value, so any may go; the constant element that spells the
+    channel count is rewritten."""
+
+    value_preserving = True
+
+    def ties(self, v: NodeView, slot: Slot):
+        if slot[0] != v.outputs[0]:
+            return Freeze("the shape input of ConstantOfShape carries no channels")
+        target = self._target(v)
+        entry = target[slot[1]] if target is not None and slot[1] < len(target) else None
+        if isinstance(entry, Known) and entry.source is not None:
+            return []
+        return Freeze("ConstantOfShape: the size of the channel axis is not a constant it can rewrite")
+
+    def update(self, v: NodeView, edit) -> None:
+        writes = {}
+        for axis, entry in enumerate(self._target(v) or []):
+            new = edit.new_dim((v.outputs[0], axis))
+            if new is not None and isinstance(entry, Known):
+                writes[axis] = (entry, new)
+        _write_sources(edit, writes, v.name)
+
+    @staticmethod
+    def _target(v: NodeView) -> "list | None":
+        shape = v.const(v.inputs[0])
+        if shape is not None:
+            return [Known(int(d), (v.name, 0, k)) for k, d in enumerate(shape.reshape(-1))]
+        return shape_value(v.tensors[v.inputs[0]], v.opset)
