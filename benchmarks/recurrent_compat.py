@@ -3,8 +3,8 @@ both Keras export paths. Writes docs/compatibility.md between `<!-- begin: recur
 `<!-- end: recurrent -->` (other sections untouched) and prints the same table.
 
 Per model: 2 stacked layers (bidirectional for torch), 16 hidden units, a Linear head on the mean
-over time (Keras: the last step). A Keras GRU and SimpleRNN (one layer, the last state) are exported as a `Loop`, with a dynamic and a static
-batch; their units are pruned through the loop body. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
+over time (Keras: the last step). A Keras GRU, SimpleRNN (one layer, the last state) and a Bidirectional GRU under a GRU are exported as
+`Loop`s, with a dynamic and a static batch; their units are pruned through the loop bodies. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
 planting 4 dead units per layer (all gate rows and biases zero): units removed, max |diff| of the
 outputs, and whether the weights left number exactly as many as the same model built 12 wide.
 
@@ -96,36 +96,36 @@ def keras_models(path_kind: str, folder: Path) -> tuple[onnx.ModelProto, onnx.Mo
                  for k, m in enumerate(models))
 
 
-def keras_loop_models(cell: str, path_kind: str, batch: "int | None", folder: Path
+LOOP_MODELS = ("GRU", "SimpleRNN", "Bidirectional GRU + GRU")
+
+
+def keras_loop_models(kind: str, path_kind: str, batch: "int | None", folder: Path
                       ) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
-    """Keras GRU / SimpleRNN (both export paths write a `Loop`): (random, dead units planted,
-    built narrower), exported with a dynamic (None) or static batch."""
+    """Keras recurrences both export paths write as `Loop`s (one of LOOP_MODELS): (random, dead
+    units planted in every cell, built narrower), exported with a dynamic (None) or static batch."""
     import keras_export  # sets the Keras backend first
     import keras
-    import tensorflow as tf
     from keras_models import zero_units
+
+    layers = keras.layers
 
     def build(units: int):
         keras.utils.set_random_seed(0)
         inp = keras.Input((STEPS, FEATURES))
-        return keras.Model(inp, keras.layers.Dense(4)(getattr(keras.layers, cell)(units)(inp)))
+        if kind == "Bidirectional GRU + GRU":
+            h = layers.GRU(units)(layers.Bidirectional(layers.GRU(units, return_sequences=True))(inp))
+        else:
+            h = getattr(layers, kind)(units)(inp)
+        return keras.Model(inp, layers.Dense(4)(h))
 
     planted = build(HIDDEN)
-    zero_units(next(lay for lay in planted.layers if isinstance(lay, getattr(keras.layers, cell))), HIDDEN, DEAD)
-    spec = tf.TensorSpec((batch, STEPS, FEATURES), tf.float32, name="x")
-    paths = []
-    for k, model in enumerate((build(HIDDEN), planted, build(HIDDEN - len(DEAD)))):
-        path = folder / f"{cell}_{path_kind}_{batch}_{k}.onnx"
-        if path_kind == "keras":
-            keras_export._quiet_tf2onnx()
-            model.export(str(path), format="onnx", verbose=False, opset_version=keras_export.OPSET, input_signature=[spec])
-        else:
-            import tf2onnx
-
-            serve = tf.function(lambda x, m=model: m(x, training=False), input_signature=[spec])
-            tf2onnx.convert.from_function(serve, input_signature=[spec], opset=keras_export.OPSET, output_path=str(path))
-        paths.append(onnx.load(str(path)))
-    return tuple(paths)
+    for layer in planted.layers:
+        for cell in [layer.forward_layer, layer.backward_layer] if isinstance(layer, layers.Bidirectional) else [layer]:
+            if isinstance(cell, (layers.GRU, layers.SimpleRNN)):
+                zero_units(cell, HIDDEN, DEAD)
+    models = (build(HIDDEN), planted, build(HIDDEN - len(DEAD)))
+    return tuple(onnx.load(keras_export.export(m, (STEPS, FEATURES), folder / f"{kind}_{path_kind}_{batch}_{k}.onnx",
+                                               path_kind, batch)) for k, m in enumerate(models))
 
 
 def weight_count_all(graph: onnx.GraphProto) -> int:
@@ -142,7 +142,8 @@ def loop_row(name: str, exporter: str, models: tuple, start: float) -> str:
     feeds = random_inputs(plain, 0, batch=2)
     same = all(a.shape == b.shape for a, b in zip(session(plain).run(None, feeds), session(half.model).run(None, feeds)))
     exact = onnxprune.prune(planted, lossless=True, verify=True)
-    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed}"
+    groups = half.report.groups_pruned
+    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed // groups}" + (f" (×{groups} cells)" if groups > 1 else "")
     narrow_ok = "✓" if weight_count_all(exact.model.graph) == weight_count_all(narrow.graph) else \
         f"✗ ({weight_count_all(exact.model.graph)} vs {weight_count_all(narrow.graph)})"
     check = "full checker ✓, ORT shapes ✓" if same else "ORT output shapes differ ✗"
@@ -195,13 +196,13 @@ def main() -> int:
                 start = time.perf_counter()
                 rows.append(row("Keras LSTM 2-layer", path_kind, keras_models(path_kind, Path(tmp)), start))
                 print(rows[-1], flush=True)
-            for cell in ("GRU", "SimpleRNN"):
+            for cell in LOOP_MODELS:
                 for path_kind in ("keras", "tf2onnx"):
                     for batch in (None, BATCH):
                         start = time.perf_counter()
                         shape = "dynamic batch" if batch is None else f"batch {batch}"
                         models = keras_loop_models(cell, path_kind, batch, Path(tmp))
-                        rows.append(loop_row(f"Keras {cell} (a `Loop`), {shape}", path_kind, models, start))
+                        rows.append(loop_row(f"Keras {cell} (`Loop`), {shape}", path_kind, models, start))
                         print(rows[-1], flush=True)
         except ImportError as exc:
             print(f"Keras rows skipped: {exc}")
