@@ -151,17 +151,18 @@ def _private_copies(body: gs.Graph) -> None:
 
 
 def _private_fills(graph: gs.Graph, owner: gs.Node) -> None:
-    """A zero state `Expand(0, shape)` that several loops start from (tf2onnx shares one between the
-    two directions of a Keras Bidirectional) gets one Expand per loop, so their units stay apart
-    (the outer pass then gives each Expand its own target Concat)."""
+    """A zero state (`Expand(0, shape)`, `ConstantOfShape(shape)`) that several loops start from
+    (tf2onnx shares one between the two directions of a Keras Bidirectional) gets one copy per
+    loop, with its own target shape, so their units stay apart."""
     for i, tensor in enumerate(owner.inputs):
         producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
-        if producer is None or producer.op != "Expand" or len(tensor.outputs) < 2 or _fill_value(tensor) is None:
+        if producer is None or producer.op not in ("Expand", "ConstantOfShape") or len(tensor.outputs) < 2 \
+                or _fill_value(tensor) is None:
             continue
         owner.inputs[i] = _copy_chain(tensor, owner.name, scope_of(graph, producer))
 
 
-TARGET_OPS = ("Expand", "Cast", "Concat", "Unsqueeze", "Identity")
+TARGET_OPS = ("Expand", "ConstantOfShape", "Cast", "Concat", "Unsqueeze", "Identity")
 """Ops a zero state and its target shape are built from, copied per reader by `_private_fills`."""
 
 
@@ -169,7 +170,9 @@ def _copy_chain(tensor: gs.Tensor, suffix: str, scope: gs.Graph) -> gs.Tensor:
     """A private copy of `tensor` for one reader: constants are copied, and so are the TARGET_OPS
     nodes computing it from them, so each reader's channel count can be rewritten alone; other
     run-time values (the batch size read by Shape) stay shared."""
-    name = f"{tensor.name}{_copy_mark()}_{suffix}"
+    from onnxprune.passes.canonical import COPY_MARK  # canonical imports this module
+
+    name = f"{tensor.name}{COPY_MARK}_{suffix}"
     if isinstance(tensor, gs.Constant):
         return gs.Constant(name, np.array(tensor.values, copy=True))
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
@@ -179,12 +182,6 @@ def _copy_chain(tensor: gs.Tensor, suffix: str, scope: gs.Graph) -> gs.Tensor:
     copy = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
     scope.nodes.append(gs.Node(producer.op, f"{producer.name}_{suffix}", dict(producer.attrs), inputs, [copy]))
     return copy
-
-
-def _copy_mark() -> str:
-    from onnxprune.passes.canonical import COPY_MARK
-
-    return COPY_MARK
 
 
 def _size(tensor: gs.Constant) -> int:
@@ -339,8 +336,7 @@ class _BodyOp(OpRule):
         return Freeze(f"{name} is not bound by the {v.op}")
 
     def _tie_all(self, v: NodeView, others: list[Slot], slot: Slot) -> "list[Tie] | Freeze":
-        view = NodeView(v.node, {**v.tensors, **_io(v)}, v.opset)
-        sizes = [d for d in (view.dim(s) for s in (slot, *others)) if d is not None]
+        sizes = [d for d in (v.dim(s) for s in (slot, *others)) if d is not None]  # the walk's map holds body I/O
         if not sizes:
             return Freeze(f"size of the channel axis through {v.op} '{v.name}' is unknown")
         if len(set(sizes)) > 1:
@@ -359,11 +355,6 @@ class _BodyOp(OpRule):
                 if size is not None:
                     shape[axis] = size
             tensor.shape = shape
-
-
-def _io(v: NodeView) -> dict[str, gs.Tensor]:
-    body = v.attr("body")
-    return {t.name: t for t in (*body.inputs, *body.outputs)}
 
 
 @register("Loop")
