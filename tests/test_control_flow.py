@@ -264,3 +264,38 @@ def test_reverse_sequence_passes_the_feature_axis():
     result = onnxprune.prune(model, ratio=0.5)
     assert result.report.groups_pruned == 1
     assert_matches_masked(model, result)
+
+
+def test_carried_channel_that_drifts_is_not_taken_for_constant():
+    """Two channels start at 0 (zero weight columns); the body adds 1 to one of them at every step,
+    so only the other is constant at the loop's fixed point and removable without a change."""
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal((I, H)).astype(np.float32)
+    weights[:, [2, 5]] = 0
+    step = np.zeros(H, np.float32)
+    step[2] = 1.0
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_copy"),
+         helper.make_node("Relu", ["h_in"], ["h_relu"], name="body_relu"),
+         helper.make_node("Add", ["h_relu", "step"], ["h_out"], name="body_step")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", FLOAT, [B, H])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", FLOAT, [B, H])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h0"], name="project"),
+         helper.make_node("Loop", ["trips", "true", "h0"], ["h_last"], name="recurrence", body=body),
+         helper.make_node("MatMul", ["h_last", "head"], ["y"], name="head")],
+        "drift", [helper.make_tensor_value_info("x", FLOAT, [B, I])], [helper.make_tensor_value_info("y", FLOAT, [B, 3])],
+        [_init("W", weights), _init("step", step), _init("head", rng.standard_normal((H, 3)).astype(np.float32)),
+         _init("trips", np.array(T, np.int64)), _init("true", np.array(True))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = onnxprune.prune(model, lossless=True)
+    assert result.report.channels_removed == 1
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = random_inputs(model, 0)
+    np.testing.assert_allclose(session(result.model).run(None, feeds)[0], session(model).run(None, feeds)[0],
+                               rtol=1e-5, atol=1e-5)

@@ -379,8 +379,8 @@ def propagate_loop(owner: gs.Node, table: ValueTable, run_body: Callable[[list[g
     """
     bind = _Binding(view)
     body = bind.body
-    for outer, inner, it in bind.scan_in:
-        _copy(table, outer, inner, lambda a: a - (a > it), view)
+    for outer, inner, it in bind.scan_in:  # the scanned axis itself is not in the body
+        _copy(table, outer, inner, lambda a: None if a == it else a - (a > it), view)
     state = {chain[1]: _values_of(table, chain[0], view) for chain in bind.chains}
     for _ in range(1 + sum(len(s) for s in state.values() if s is not None)):
         for inner, vals in state.items():
@@ -456,15 +456,18 @@ def _const_slices(array: np.ndarray, axis: int) -> np.ndarray:
     return np.where(same, moved[:, 0] if moved.shape[1] else np.nan, np.nan)
 
 
-def _copy(table: ValueTable, src: str, dst: str, axis_map: Callable[[int], int], view: NodeView) -> None:
+def _copy(table: ValueTable, src: str, dst: str, axis_map: Callable[[int], "int | None"], view: NodeView) -> None:
     vals = _values_of(table, src, view) or {}
     for axis, arr in vals.items():
-        table.set((dst, int(axis_map(axis))), arr)
+        target = axis_map(axis)
+        if target is not None:
+            table.set((dst, int(target)), arr)
 
 
 def _forget(table: ValueTable, body: gs.Graph) -> None:
-    """Reset the values the previous pass computed inside the body (not its inputs)."""
+    """Reset the values the previous pass computed inside the body and its nested bodies (not its
+    inputs): a node that sets nothing this pass must not keep a value from a less constrained one."""
     inputs = {t.name for t in body.inputs}
-    produced = {t.name for n in body.nodes for t in n.outputs} - inputs
+    produced = {t.name for n in all_nodes(body) for t in n.outputs} - inputs
     for slot in [s for s in table.values if s[0] in produced]:
         del table.values[slot]
