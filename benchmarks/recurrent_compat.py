@@ -4,11 +4,12 @@ both Keras export paths. Writes docs/compatibility.md between `<!-- begin: recur
 
 Per model: 2 stacked layers (bidirectional for torch), 16 hidden units, a Linear head on the mean
 over time (Keras: the last step); torch models are exported with static shapes and with a dynamic
-batch axis. A Keras GRU, exported as a Loop, must come out frozen with a reason. Two runs: `prune`
-at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after planting 4 dead units per
-layer, chosen independently in each direction (all gate rows and biases zero): units removed per
-layer, max |diff| of the outputs, and whether the weights left number exactly as many as the same
-model built 12 wide.
+batch axis. A Keras GRU, SimpleRNN (one layer, the last state) and a Bidirectional GRU under a GRU
+are exported as `Loop`s, with a dynamic and a static batch; their units are pruned through the loop
+bodies. Two runs: `prune` at ratio 0.5 (full checker, ORT output shapes), and `--lossless` after
+planting 4 dead units per layer, chosen independently in each direction (all gate rows and biases
+zero): units removed per layer, max |diff| of the outputs, and whether the weights left number
+exactly as many as the same model built 12 wide.
 
     python benchmarks/recurrent_compat.py            # about a minute on 2 cores
 """
@@ -96,21 +97,60 @@ def keras_models(path_kind: str, folder: Path) -> tuple[onnx.ModelProto, onnx.Mo
                  for k, m in enumerate(models))
 
 
-def keras_gru_row(folder: Path, start: float) -> str:
-    """Keras writes a GRU as a Loop: its units must show up frozen, with the reason."""
+LOOP_MODELS = ("GRU", "SimpleRNN", "Bidirectional GRU + GRU")
+
+
+def keras_loop_models(kind: str, path_kind: str, batch: "int | None", folder: Path
+                      ) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
+    """Keras recurrences both export paths write as `Loop`s (one of LOOP_MODELS): (random, dead
+    units planted in every cell, built narrower), exported with a dynamic (None) or static batch."""
     import keras_export  # sets the Keras backend first
     import keras
+    from keras_models import zero_units
 
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((STEPS, FEATURES))
-    model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.GRU(HIDDEN)(inp)))
-    onnx_model = onnx.load(keras_export.export(model, (STEPS, FEATURES), folder / "keras_gru.onnx", "keras"))
-    result = onnxprune.prune(onnx_model, ratio=0.5)
-    onnx.checker.check_model(result.model, full_check=True)
-    reasons = sorted({r for g in result.report.to_dict()["groups_frozen"] for r in g["reasons"] if "Loop" in r})
-    return (f"| Keras GRU (a `Loop`) | keras | {result.report.before.params} → {result.report.after.params} "
-            f"| frozen: {reasons[0].split(': ', 1)[-1] if reasons else 'no reason shown ✗'} | – | – "
-            f"| full checker ✓ ({time.perf_counter() - start:.0f} s) |")
+    layers = keras.layers
+
+    def build(units: int):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((STEPS, FEATURES))
+        if kind == "Bidirectional GRU + GRU":
+            h = layers.GRU(units)(layers.Bidirectional(layers.GRU(units, return_sequences=True))(inp))
+        else:
+            h = getattr(layers, kind)(units)(inp)
+        return keras.Model(inp, layers.Dense(4)(h))
+
+    planted = build(HIDDEN)
+    for layer in planted.layers:
+        for cell in [layer.forward_layer, layer.backward_layer] if isinstance(layer, layers.Bidirectional) else [layer]:
+            if isinstance(cell, (layers.GRU, layers.SimpleRNN)):
+                zero_units(cell, HIDDEN, DEAD)
+    models = (build(HIDDEN), planted, build(HIDDEN - len(DEAD)))
+    return tuple(onnx.load(keras_export.export(m, (STEPS, FEATURES), folder / f"{kind}_{path_kind}_{batch}_{k}.onnx",
+                                               path_kind, batch)) for k, m in enumerate(models))
+
+
+def weight_count_all(graph: onnx.GraphProto) -> int:
+    """`weight_count` over a graph and its Loop/Scan bodies (where a pruned Keras recurrence keeps its weights)."""
+    arrays = (onnx.numpy_helper.to_array(t) for t in graph.initializer)
+    own = sum(a.size for a in arrays if np.issubdtype(a.dtype, np.floating) and np.any(a))
+    return own + sum(weight_count_all(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+
+
+def loop_row(name: str, exporter: str, models: tuple, start: float) -> str:
+    plain, planted, narrow = models
+    half = onnxprune.prune(plain, ratio=0.5)
+    onnx.checker.check_model(half.model, full_check=True)
+    feeds = random_inputs(plain, 0, batch=2)
+    same = all(a.shape == b.shape for a, b in zip(session(plain).run(None, feeds), session(half.model).run(None, feeds)))
+    exact = onnxprune.prune(planted, lossless=True, verify=True)
+    groups = half.report.groups_pruned
+    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed // groups}" + (f" (×{groups} cells)" if groups > 1 else "")
+    narrow_ok = "✓" if weight_count_all(exact.model.graph) == weight_count_all(narrow.graph) else \
+        f"✗ ({weight_count_all(exact.model.graph)} vs {weight_count_all(narrow.graph)})"
+    check = "full checker ✓, ORT shapes ✓" if same else "ORT output shapes differ ✗"
+    return (f"| {name} | {exporter} | {half.report.before.params} → {half.report.after.params} | {units} "
+            f"| {exact.report.channels_removed}, {exact.report.verify.max_abs_diff:.1e} | {narrow_ok} "
+            f"| {check} ({time.perf_counter() - start:.0f} s) |")
 
 
 def row(name: str, exporter: str, models: tuple, start: float) -> str:
@@ -158,8 +198,14 @@ def main() -> int:
                 start = time.perf_counter()
                 rows.append(row("Keras LSTM 2-layer", path_kind, keras_models(path_kind, Path(tmp)), start))
                 print(rows[-1], flush=True)
-            rows.append(keras_gru_row(Path(tmp), time.perf_counter()))
-            print(rows[-1], flush=True)
+            for cell in LOOP_MODELS:
+                for path_kind in ("keras", "tf2onnx"):
+                    for batch in (None, BATCH):
+                        start = time.perf_counter()
+                        shape = "dynamic batch" if batch is None else f"batch {batch}"
+                        models = keras_loop_models(cell, path_kind, batch, Path(tmp))
+                        rows.append(loop_row(f"Keras {cell} (`Loop`), {shape}", path_kind, models, start))
+                        print(rows[-1], flush=True)
         except ImportError as exc:
             print(f"Keras rows skipped: {exc}")
     write_rows(rows)

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.metrics import _node_macs
 from onnxprune.ops import Slot
+from onnxprune.ops.control_flow import all_tensors
 from onnxprune.passes.dependency import Analysis
 from onnxprune.passes.rewrite import removed_elements
 
@@ -32,7 +33,7 @@ class CostModel:
 
     def __init__(self, analysis: Analysis) -> None:
         self.analysis = analysis
-        tensors = analysis.graph.tensors()  # once: a walk of the whole graph per node was quadratic
+        tensors = all_tensors(analysis.graph)  # once (a walk per node was quadratic); Loop bodies' weights too
         self.mac_terms = [t for t in (self._node_term(n, tensors) for n in analysis.graph.nodes) if t is not None]
         slots_of: dict[str, list[Slot]] = {}
         for slot in analysis.slot_sizes:

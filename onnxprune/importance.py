@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import InputError
 from onnxprune.ir import constant_array
 from onnxprune.ops.base import per_element
+from onnxprune.ops.control_flow import all_tensors
 from onnxprune.passes.dependency import Analysis, ChannelGroup, Member
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class ScoringContext:
     def array(self, name: str) -> np.ndarray:
         """An initializer in its own dtype, decoded afresh (not cached: weights stay single)."""
         if self._tensors is None:
-            self._tensors = self.analysis.graph.tensors()
+            self._tensors = all_tensors(self.analysis.graph)  # weights may live in Loop/Scan bodies
         tensor = self._tensors[name]
         if not isinstance(tensor, gs.Constant):
             raise KeyError(name)

@@ -148,16 +148,17 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
     graph.output.extend(model.graph.output)
     for init in model.graph.initializer:
         graph.initializer.append(_shape_only(init))
-    propagated: onnx.ModelProto | None = None
-    try:
-        inferred = propagated = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except Exception:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton)
-        except Exception:
-            inferred = skeleton
+    inferred, propagated = _infer(skeleton)
+    from onnxprune.ops.control_flow import loop_output_infos
+
+    shaped = {v.name for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
+    loop_outputs = loop_output_infos(inferred.graph, shaped)
+    if loop_outputs:  # once more, seeded with the Loop outputs inference left shapeless
+        skeleton.graph.value_info.extend(loop_outputs)
+        inferred, propagated = _infer(skeleton)
     shapes: dict[str, tuple[int, tuple]] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output) \
+            + _subgraph_value_info(inferred.graph):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             continue
@@ -170,6 +171,30 @@ def infer_shapes(model: onnx.ModelProto, resolve: bool = False, probes: "ProbeRu
 
         shapes = resolve_dims(skeleton, shapes, model, probes, propagated)
     return shapes
+
+
+def _infer(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, "onnx.ModelProto | None"]:
+    """(inferred model, the same if data propagation worked else None); the skeleton itself when
+    inference fails altogether."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        return inferred, inferred
+    except Exception:
+        try:
+            return onnx.shape_inference.infer_shapes(skeleton), None
+        except Exception:
+            return skeleton, None
+
+
+def _subgraph_value_info(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Inferred shapes inside Loop/Scan/If bodies (the analysis walks Loop and Scan bodies)."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found.extend([*sub.value_info, *sub.input, *sub.output])  # inference refines body I/O too
+                found.extend(_subgraph_value_info(sub))
+    return found
 
 
 def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:
@@ -204,7 +229,12 @@ def to_graph(model: onnx.ModelProto, probes: "ProbeRuns | None" = None) -> gs.Gr
     graph = gs.import_onnx(model)
     _keep_overridable_initializers(graph, model)
     _constant_nodes_to_initializers(graph)
-    for name, tensor in graph.tensors().items():
+    from onnxprune.ops.control_flow import all_tensors, bodies
+
+    for _, body in list(bodies(graph)):  # a Loop/Scan body's weights may be Constant nodes
+        _constant_nodes_to_initializers(body)
+
+    for name, tensor in all_tensors(graph).items():
         if isinstance(tensor, gs.Variable) and name in shapes:
             elem, dims = shapes[name]
             if tensor.shape is None or any(d is None or isinstance(d, str) for d in tensor.shape):
@@ -279,14 +309,17 @@ def from_graph(graph: gs.Graph, meta: ModelMeta, into: onnx.ModelProto | None = 
     """
     from onnxprune.passes.canonical import rejoin_copies
 
+    from onnxprune.ops.control_flow import hoist_shared_initializers
+
     rejoin_copies(graph)
     if into is None:
         model = gs.export_onnx(graph, do_type_check=False)
-        meta.apply(model)
-        return model
-    _export_into(graph, into)
-    meta.apply(into)
-    return into
+    else:
+        _export_into(graph, into)
+        model = into
+    hoist_shared_initializers(model.graph)
+    meta.apply(model)
+    return model
 
 
 def _lazy_constants(graph: gs.Graph) -> dict[str, gs.Constant]:

@@ -53,9 +53,20 @@ def _constant_node_elements(graph: onnx.GraphProto) -> int:
     return total
 
 
+def _subgraph_params(graph: onnx.GraphProto) -> int:
+    """Elements of the initializers and Constant nodes inside subgraphs (a Loop body's weights)."""
+    total = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                total += sum(_numel(t.dims) for t in sub.initializer) + _constant_node_elements(sub)
+                total += _subgraph_params(sub)
+    return total
+
+
 def count(model: onnx.ModelProto) -> ModelStats:
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    params = sum(_numel(d) for d in inits.values()) + _constant_node_elements(model.graph)
+    params = sum(_numel(d) for d in inits.values()) + _constant_node_elements(model.graph) + _subgraph_params(model.graph)
     shapes = infer_shapes(model)
     shape = lambda name: inits.get(name) or (shapes.get(name, (0, None))[1])  # noqa: E731
     macs = sum(_node_macs(node, shape) for node in model.graph.node)

@@ -21,33 +21,35 @@ PATH_KINDS = ("keras", "tf2onnx")
 OPSET = 17
 
 
-def export(model, input_shape: tuple[int, ...], path: "str | os.PathLike[str]", path_kind: str = "keras") -> Path:
-    """Write `model` as ONNX at `path` through the named export path; returns the path."""
+def export(model, input_shape: tuple[int, ...], path: "str | os.PathLike[str]", path_kind: str = "keras",
+           batch: int | None = None) -> Path:
+    """Write `model` as ONNX at `path` through the named export path; returns the path. `batch`
+    fixes the batch size (None: dynamic)."""
     path = Path(path)
     if path_kind == "keras":
         _quiet_tf2onnx()
         model.export(str(path), format="onnx", verbose=False, opset_version=OPSET,
-                     input_signature=[_spec(model, input_shape)])
+                     input_signature=[_spec(model, input_shape, batch)])
     elif path_kind == "tf2onnx":
-        _from_function(model, input_shape, path)
+        _from_function(model, input_shape, path, batch)
     else:
         raise ValueError(f"unknown export path {path_kind!r}; use one of {PATH_KINDS}")
     return path
 
 
-def _spec(model, input_shape):
+def _spec(model, input_shape, batch: int | None = None):
     import tensorflow as tf
 
     name = model.inputs[0].name if getattr(model, "inputs", None) else "input"
-    return tf.TensorSpec((None, *input_shape), tf.float32, name=name.split(":")[0])
+    return tf.TensorSpec((batch, *input_shape), tf.float32, name=name.split(":")[0])
 
 
-def _from_function(model, input_shape, path: Path) -> None:
+def _from_function(model, input_shape, path: Path, batch: int | None = None) -> None:
     import tensorflow as tf
     import tf2onnx
 
     _quiet_tf2onnx()
-    spec = _spec(model, input_shape)
+    spec = _spec(model, input_shape, batch)
 
     @tf.function(input_signature=[spec])
     def serve(x):

@@ -169,6 +169,26 @@ def _zero_own(layer, channels: np.ndarray) -> None:
     layer.set_weights(weights)
 
 
+def zero_units(cell, units: int, dead) -> None:
+    """Zero hidden units `dead` of a Keras recurrent cell (LSTM, GRU, SimpleRNN): their column in
+    every gate block of the kernel, the recurrent kernel and the bias(es) (gates along the last axis)."""
+    kernel, recurrent, bias = cell.get_weights()
+    cols = [g * units + u for g in range(kernel.shape[-1] // units) for u in dead]
+    kernel[:, cols], recurrent[:, cols], bias[..., cols] = 0, 0, 0
+    cell.set_weights([kernel, recurrent, bias])
+
+
+def export_planted_and_narrow(planted, narrow, input_shape, folder, path_kind: str = "keras"):
+    """Export a model with dead units planted and the same architecture built narrower; returns
+    both as ModelProtos."""
+    import onnx
+
+    from keras_export import export
+
+    return tuple(onnx.load(export(m, input_shape, folder / f"{name}.onnx", path_kind))
+                 for name, m in (("planted", planted), ("narrow", narrow)))
+
+
 def prune_checks(path, ratio: float = 0.5, lossless: bool = True) -> dict:
     """Prune an exported model at `ratio` and (optionally) losslessly; the figures the tier checks.
 

@@ -244,34 +244,6 @@ def test_non_constant_weights_are_frozen_with_a_reason():
     assert any("weights are computed at run time" in r for r in reasons)
 
 
-def test_loop_body_is_frozen_with_a_reason():
-    b = GraphBuilder(seed=3)
-    x = b.input([1, 4])
-    h = b.gemm(x, 4, 6)
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["c_in"], ["cond_out"]), helper.make_node("Tanh", ["s_in"], ["s_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
-         helper.make_tensor_value_info("c_in", onnx.TensorProto.BOOL, []),
-         helper.make_tensor_value_info("s_in", onnx.TensorProto.FLOAT, [1, 6])],
-        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-         helper.make_tensor_value_info("s_out", onnx.TensorProto.FLOAT, [1, 6])])
-    trips = b.const(np.array(3, np.int64))
-    cond = b.const(np.array(True))
-    looped = b.op("Loop", [trips, cond, h], body=body)
-    b.gemm(looped, 6, 2)
-    b.nodes[-1].output[0] = "y"
-    b.output("y")
-    model = b.model()
-    model.graph.value_info.append(helper.make_tensor_value_info(looped, onnx.TensorProto.FLOAT, [1, 6]))
-    summary = onnxprune.analyze(model).summary()
-    loop_groups = [g for g in summary["groups_frozen"] if g["group"].startswith(looped)]
-    gemm_groups = [g for g in summary["groups_frozen"] if g["group"] == f"{h}:1"]
-    for group in loop_groups + gemm_groups:  # the loop's own output, and the group feeding it
-        assert any("Loop body" in r and "not analysed" in r for r in group["reasons"]), group
-    assert loop_groups and gemm_groups
-
-
 @pytest.mark.parametrize("op,direction", itertools.product(GATES, ("forward", "reverse", "bidirectional")))
 def test_dead_units_are_removed_exactly(op, direction):
     model = recurrent_model(op, direction, dead=(1, 4), peephole=op == "LSTM", seq_lens=True)

@@ -157,6 +157,7 @@ def keras_lstm(tmp_path_factory):
     pytest.importorskip("tf2onnx")
     import keras_export  # noqa: F401  (sets the backend before keras is imported)
     import keras
+    from keras_models import export_planted_and_narrow, zero_units
 
     def build(units: int):
         keras.utils.set_random_seed(0)
@@ -168,14 +169,9 @@ def keras_lstm(tmp_path_factory):
     planted = build(HIDDEN)
     for layer in planted.layers:
         if isinstance(layer, keras.layers.LSTM):
-            kernel, recurrent, bias = layer.get_weights()  # Keras gate order i, f, c, o along the last axis
-            cols = [g * HIDDEN + u for g in range(4) for u in DEAD]
-            kernel[:, cols], recurrent[:, cols], bias[cols] = 0, 0, 0
-            layer.set_weights([kernel, recurrent, bias])
-    folder = tmp_path_factory.mktemp("keras")
-    paths = [keras_export.export(m, (STEPS, FEATURES), folder / f"{name}.onnx", "keras")
-             for name, m in (("planted", planted), ("narrow", build(HIDDEN - len(DEAD))))]
-    return onnx.load(paths[0]), onnx.load(paths[1])
+            zero_units(layer, HIDDEN, DEAD)  # Keras gate order i, f, c, o along the last axis
+    return export_planted_and_narrow(planted, build(HIDDEN - len(DEAD)), (STEPS, FEATURES),
+                                     tmp_path_factory.mktemp("keras"))
 
 
 @pytest.mark.keras

@@ -7,6 +7,7 @@ decorate it with `@register("OpType")`, and add a tiny-graph test in tests/test_
 from onnxprune.ops import attention, conv, einsum, elementwise, layout, linear, norm, pool  # noqa: F401  (registration)
 from onnxprune.ops import recurrent  # noqa: F401  (registration)
 from onnxprune.ops import quant  # noqa: F401  (registration)
+from onnxprune.ops import control_flow  # noqa: F401  (registration)
 from onnxprune.ops.base import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, register
 
 __all__ = ["REGISTRY", "Freeze", "NodeView", "OpRule", "Slot", "Tie", "ValueTable", "register"]

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import InternalError
+from onnxprune.ops.control_flow import all_nodes
 from onnxprune.ops.chunks import chunk_ties, only_chunk_bounds
 from onnxprune.ops.base import (Defer, Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register,
                                 slot_axes)
@@ -318,7 +319,7 @@ def _write_sources(edit, writes: dict, owner: str) -> None:
             raise InternalError(f"'{owner}': target element {axis} is computed and cannot be rewritten")
         node_name, index, flat = entry.source
         changes.setdefault((node_name, index), {})[flat] = new
-    nodes = {n.name: n for n in edit.graph.nodes} if changes else {}
+    nodes = {n.name: n for n in all_nodes(edit.graph)} if changes else {}  # Loop/Scan bodies too
     for (node_name, index), elems in changes.items():
         node = nodes[node_name]
         values = np.array(node.inputs[index].values)
@@ -781,6 +782,9 @@ class Expand(OpRule):
         if query is not None:
             return query
         n = v.dim((y, out_axis))
+        if slot[0] == y and _is_fill(v, x, in_axis) and isinstance(entry, Known) and (
+                entry.source is not None or v.is_const(v.inputs[1])):
+            return []  # one value broadcast (a zero state): any channel may go, `update` rewrites the count
         if n is None or in_axis < 0 or v.dim((x, in_axis)) != n:
             return Freeze("Expand broadcasts the channel axis")
         if entry is None or (isinstance(entry, Known) and entry.value not in (1, n)):
@@ -800,6 +804,13 @@ class Expand(OpRule):
             if new is not None and target[axis] != 1:
                 target[axis] = new
         edit.set_input_const(v.node, 1, target)
+
+
+def _is_fill(v: NodeView, x: str, in_axis: int) -> bool:
+    """Whether Expand broadcasts one constant value along this axis (every element equal)."""
+    value = v.const(x)
+    return (value is not None and value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
+            and (in_axis < 0 or v.dim((x, in_axis)) == 1))
 
 
 @register("Gather")
@@ -890,3 +901,55 @@ def _gather_in_axis(out_axis: int, axis: int, index_rank: int) -> int | None:
     if out_axis >= axis + index_rank:
         return out_axis - index_rank + 1
     return None
+
+
+@register("ReverseSequence")
+class ReverseSequence(OpRule):
+    """Reverses each sequence along the time axis (Keras writes a backward recurrent layer's output
+    so): every other axis but the batch axis passes through unchanged."""
+
+    value_preserving = True
+
+    def ties(self, v: NodeView, slot: Slot):
+        x, y = v.inputs[0], v.outputs[0]
+        if slot[0] not in (x, y):
+            return Freeze("the sequence lengths of ReverseSequence carry no channels")
+        rank = v.rank(x) or v.rank(y)
+        fixed = {int(v.attr("batch_axis", 1)) % (rank or 2), int(v.attr("time_axis", 0)) % (rank or 2)}
+        n = v.dim((x, slot[1])) or v.dim((y, slot[1]))
+        if slot[1] in fixed or n is None:
+            return Freeze("channels lie along the batch or time axis of ReverseSequence")
+        return [identity((x, slot[1]), (y, slot[1]), n)]
+
+
+@register("ConstantOfShape")
+class ConstantOfShape(OpRule):
+    """One value filled into a shape (torch's zero state `ConstantOfShape(Concat(batch, [H]))`):
+    every channel holds the same value, so any may go; the constant element that spells the
+    channel count is rewritten."""
+
+    value_preserving = True
+
+    def ties(self, v: NodeView, slot: Slot):
+        if slot[0] != v.outputs[0]:
+            return Freeze("the shape input of ConstantOfShape carries no channels")
+        target = self._target(v)
+        entry = target[slot[1]] if target is not None and slot[1] < len(target) else None
+        if isinstance(entry, Known) and entry.source is not None:
+            return []
+        return Freeze("ConstantOfShape: the size of the channel axis is not a constant it can rewrite")
+
+    def update(self, v: NodeView, edit) -> None:
+        writes = {}
+        for axis, entry in enumerate(self._target(v) or []):
+            new = edit.new_dim((v.outputs[0], axis))
+            if new is not None and isinstance(entry, Known):
+                writes[axis] = (entry, new)
+        _write_sources(edit, writes, v.name)
+
+    @staticmethod
+    def _target(v: NodeView) -> "list | None":
+        shape = v.const(v.inputs[0])
+        if shape is not None:
+            return [Known(int(d), (v.name, 0, k)) for k, d in enumerate(shape.reshape(-1))]
+        return shape_value(v.tensors[v.inputs[0]], v.opset)

@@ -14,7 +14,7 @@ directions with `parts` = the direction of each channel: plans keep the same cou
 op that only knows single axes (a Gather of `h_n[-1]`) uses the plain unit axis, which ties unit j
 of both directions together, as before.
 
-A recurrence exported as a Loop or Scan body is frozen with a reason.
+A recurrence exported as a Loop or Scan body is analysed through the body (ops/control_flow.py).
 """
 
 from __future__ import annotations
@@ -289,16 +289,3 @@ class GRU(_Recurrent):
 class RNN(_Recurrent):
     pass
 
-
-@register("Loop", "Scan")
-class SubgraphRecurrence(OpRule):
-    """A recurrence unrolled into a Loop/Scan body: the body is not analysed, so nothing is pruned.
-
-    Its outputs' feature axes are seeded so that `analyze` lists them, frozen with the reason (a
-    Keras GRU, whose weights live inside the body, would otherwise not show up at all)."""
-
-    def seeds(self, v: NodeView) -> list[Slot]:
-        return [(name, v.rank(name) - 1) for name in v.outputs if name and (v.rank(name) or 0) >= 2]
-
-    def ties(self, v: NodeView, slot: Slot):
-        return Freeze(f"{v.op} body (a recurrence or loop exported as a subgraph) is not analysed")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops.control_flow import all_nodes, all_tensors, canonicalize_bodies
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 
 SMALL_CONSTANT = 1 << 16
@@ -30,6 +31,7 @@ COPY_MARK = "__shared"
 
 def canonicalize(graph: gs.Graph, opset: int) -> gs.Graph:
     """Apply every rewrite of this module to `graph` in place; returns it."""
+    canonicalize_bodies(graph)
     split_shared_constants(graph)
     split_shared_shape_targets(graph)
     fold_transpose_round_trips(graph, opset)
@@ -80,9 +82,9 @@ def rejoin_copies(graph: gs.Graph) -> None:
     earlier copy of the same original, where the two are still equal (neither was sliced, or both
     were sliced alike): layers that shared a zero bias and lost the same number of channels share
     one again, as the exporter had them, instead of each carrying its own."""
-    constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    constants = {name: t for name, t in all_tensors(graph).items() if isinstance(t, gs.Constant)}
     kept: dict[str, list[gs.Constant]] = {}
-    for node in graph.nodes:
+    for node in all_nodes(graph):  # copies read inside Loop/Scan bodies too
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant) or COPY_MARK not in tensor.name:
                 continue

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops import Slot, ValueTable
+from onnxprune.ops.control_flow import BODY_OPS, propagate_loop
 from onnxprune.passes.dependency import Analysis, rule_for
 from onnxprune.passes.rewrite import contraction_slots
 
@@ -30,16 +31,23 @@ class DeadChannels:
 def constant_values(analysis: Analysis) -> dict[Slot, np.ndarray]:
     """Per-element constant values of every channel slot, propagated in graph order."""
     table = ValueTable(dict(analysis.slot_sizes))
-    for node in analysis.graph.nodes:
+    _propagate(analysis, list(analysis.graph.nodes), table)
+    return {slot: vals for slot, vals in table.values.items()}
+
+
+def _propagate(analysis: Analysis, nodes: list[gs.Node], table: ValueTable) -> None:
+    for node in nodes:
         ties = analysis.node_ties.get(node.name)
         rule = rule_for(node, analysis.opset)
         if not ties or rule is None:
             continue
-        if rule.value_preserving:
+        if node.op in BODY_OPS:  # the body runs here, to a fixed point of its carried state
+            view = analysis.view(node)
+            propagate_loop(node, table, lambda body: _propagate(analysis, body, table), view)
+        elif rule.value_preserving:
             _copy_along_ties(node, ties, table)
         else:
             rule.propagate(analysis.view(node), table)
-    return {slot: vals for slot, vals in table.values.items()}
 
 
 def _copy_along_ties(node, ties, table: ValueTable) -> None:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import InputError
 from onnxprune.ops import REGISTRY, Freeze, NodeView, OpRule, Slot, Tie
 from onnxprune.ops.base import SUPPORTED_OPSETS, Defer, slot_axes
+from onnxprune.ops.control_flow import BODY_OPS, all_nodes, all_tensors, body_owners
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Analysis:
         may still shrink). A pattern matching no node at all is refused: a typo would otherwise
         leave the layer silently unprotected.
         """
-        names = [node.name for node in self.graph.nodes]
+        names = [node.name for node in all_nodes(self.graph)]
         unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
         if unmatched:
             raise InputError(", ".join(f"--exclude '{pat}'" for pat in unmatched) + " matches no node")
@@ -119,7 +120,7 @@ def rule_for(node: gs.Node, opset: int) -> OpRule | None:
 
 def analyze_graph(graph: gs.Graph, opset: int, gqa: str = "kv") -> Analysis:
     """Channel groups of a graph; `gqa` picks the unit of grouped-query attention (NodeView.gqa)."""
-    tensors = graph.tensors()
+    tensors = all_tensors(graph)  # Loop/Scan bodies are walked with the graph
     walk = _Walk(graph, tensors, opset, gqa)
     walk.run()
     sizes = walk.sizes()
@@ -135,6 +136,7 @@ class _Walk:
         self.graph, self.tensors, self.opset, self.gqa = graph, tensors, opset, gqa
         self.io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
         self.implicit = _subgraph_reads(graph)
+        self.owners = body_owners(graph)  # body inputs/outputs: their Loop/Scan binds them
         lo, hi = SUPPORTED_OPSETS
         self.opset_note = "" if lo <= opset <= hi else f"opset {opset} is outside the opsets the op rules know ({lo}..{hi})"
         self.order: list[Slot] = []
@@ -151,7 +153,7 @@ class _Walk:
     def run(self) -> None:
         queue: list[Slot] = []
         anchors: list[Slot] = []
-        for node in self.graph.nodes:
+        for node in all_nodes(self.graph):
             rule = rule_for(node, self.opset)
             if rule is None:
                 continue
@@ -196,7 +198,8 @@ class _Walk:
         if self.opset_note:
             self.frozen[slot].append(self.opset_note)
         found: list[Tie] = []
-        for node in list(tensor.inputs) + list(tensor.outputs):
+        owner = self.owners.get(name)
+        for node in list(tensor.inputs) + list(tensor.outputs) + ([owner] if owner is not None else []):
             found.extend(self._ask(slot, node))
         self.ties.extend(found)
         return found
@@ -247,7 +250,8 @@ class _Walk:
 
 
 def _subgraph_reads(graph: gs.Graph) -> dict[str, str]:
-    """Outer-scope tensor names read inside If/Loop/Scan bodies, mapped to the reading node."""
+    """Outer-scope tensor names read inside subgraphs the walk does not enter (If branches),
+    mapped to the reading node; Loop/Scan bodies are walked (ops/control_flow.py)."""
     reads: dict[str, str] = {}
 
     def visit(sub: gs.Graph, owner: str) -> None:
@@ -258,9 +262,9 @@ def _subgraph_reads(graph: gs.Graph) -> dict[str, str]:
                 if isinstance(attr, gs.Graph):
                     visit(attr, owner)
 
-    for node in graph.nodes:
+    for node in all_nodes(graph):
         for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
+            if isinstance(attr, gs.Graph) and node.op not in BODY_OPS:
                 visit(attr, f"{node.op} '{node.name}'")
     return reads
 

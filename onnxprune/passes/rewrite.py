@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import InternalError, OnnxPruneError
 from onnxprune.ir import array_to_tensor, tensor_to_array
 from onnxprune.ops import Slot
+from onnxprune.ops.control_flow import all_nodes, all_tensors, bodies, scope_of
 from onnxprune.passes.dependency import Analysis, rule_for, unique_sorted
 
 
@@ -29,7 +30,7 @@ class Edit:
         self.analysis = analysis
         self.graph = analysis.graph
         self.removed = removed
-        self._names = set(self.graph.tensors().keys())
+        self._names = set(all_tensors(self.graph))
 
     def kept(self, slot: Slot) -> np.ndarray | None:
         """Indices kept on a slot, or None when the slot loses nothing."""
@@ -89,7 +90,7 @@ class Edit:
         bias = gs.Constant(self.unique_name(f"{node.name}_bias_comp"), delta.astype(dtype))
         node.outputs[0] = mid
         add = gs.Node("Add", self.unique_name(f"{node.name}_bias_add"), inputs=[mid, bias], outputs=[out])
-        self.graph.nodes.append(add)
+        scope_of(self.graph, node).nodes.append(add)  # a weight layer inside a Loop body gets its Add there
         self._mirror((bias.name, 0), like, len(delta))
 
     def _mirror(self, new: Slot, like: Slot, size: int) -> None:
@@ -123,7 +124,7 @@ def removed_elements(analysis: Analysis, units: dict[int, np.ndarray]) -> dict[S
 def contraction_slots(analysis: Analysis) -> dict[Slot, list[gs.Node]]:
     """Input slots that a weight layer contracts over: where removed channels leave the group."""
     found: dict[Slot, list[gs.Node]] = defaultdict(list)
-    for node in analysis.graph.nodes:
+    for node in all_nodes(analysis.graph):
         rule = rule_for(node, analysis.opset)
         slot = rule.contraction(analysis.view(node)) if rule is not None and node.name in analysis.node_ties else None
         if slot is not None and slot in analysis.slot_sizes:
@@ -167,7 +168,7 @@ def node_context(node: gs.Node) -> Iterator[None]:
 
 def _update_nodes(analysis: Analysis, edit: Edit) -> None:
     touched = {slot[0] for slot in edit.removed}
-    for node in list(analysis.graph.nodes):
+    for node in all_nodes(analysis.graph):
         names = {t.name for t in node.inputs} | {t.name for t in node.outputs}
         if names & touched:
             rule = rule_for(node, analysis.opset)
@@ -196,7 +197,7 @@ def _compensate(analysis: Analysis, edit: Edit, values: dict[Slot, np.ndarray]) 
 
 
 def _slice_initializers(analysis: Analysis, edit: Edit) -> int:
-    tensors = analysis.graph.tensors()
+    tensors = all_tensors(analysis.graph)
     by_tensor: dict[str, list[Slot]] = defaultdict(list)
     for slot, gone in edit.removed.items():
         if len(gone) and isinstance(tensors.get(slot[0]), gs.Constant):
@@ -247,10 +248,14 @@ def _without_paired(array: np.ndarray, axes: tuple[int, int], removed: np.ndarra
 
 
 def _clear_shapes(graph: gs.Graph) -> None:
-    io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for name, tensor in graph.tensors().items():
-        if isinstance(tensor, gs.Variable) and name not in io:
-            tensor.shape = None
+    """Forget intermediate shapes, in Loop/Scan bodies too (their inputs and outputs are updated by
+    the Loop/Scan rule)."""
+    outer = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for scope in [graph, *(body for _, body in bodies(graph))]:
+        io = outer | {t.name for t in scope.inputs} | {t.name for t in scope.outputs}
+        for name, tensor in scope.tensors().items():
+            if isinstance(tensor, gs.Variable) and name not in io:
+                tensor.shape = None
 
 
 def attach_inferred_shapes(model: onnx.ModelProto) -> None:

@@ -207,11 +207,14 @@ def stat_slots(analysis: Analysis) -> list[Slot]:
 def consumers(analysis: Analysis) -> dict[str, "RowSource"]:
     """Weight layers reading a prunable group, with how to turn their input into Gram rows."""
     prunable = {m.slot for g in analysis.prunable for m in g.members}
+    outer = {id(n) for n in analysis.graph.nodes}  # a Loop body's inputs cannot be exposed as outputs
     found = {}
     for slot, nodes in contraction_slots(analysis).items():
         if slot not in prunable:
             continue
         for node in nodes:
+            if id(node) not in outer:
+                continue
             source = RowSource.of(analysis.view(node))
             if source is not None and source.width + 1 <= MAX_GRAM_DIM:
                 found[node.name] = source
