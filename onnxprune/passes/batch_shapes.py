@@ -15,6 +15,9 @@ and may fold the batch into another axis. Two rewrites make the channel structur
   followed through an axis of symbolic size B·H, so the first reshape splits into `[S, B, H, D]`
   at once, the transposes move the pair (B, H) together, and the last reshape, now an identity,
   goes.
+- `drop_identity_gathers`: the dynamo exporter's `as_strided` over a flattened tensor, whose
+  indices are built at run time from the batch size, is an identity when the indices spell the
+  tensor's own layout; it goes too.
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.shape_values import Dim, Known, shape_value
-from onnxprune.passes import canonical
+from onnxprune.passes import canonical, static_values
 
 
 def rewrite(graph: gs.Graph, opset: int) -> None:
-    """Both rewrites, in place. Run at import and again after constant folding, which makes more
-    shapes known (a target built with `Mod` of constants)."""
+    """Every rewrite of this module (and the static values of `static_values.py`), in place. Run at
+    import and again after constant folding, which makes more shapes known (a target built with
+    `Mod` of constants)."""
+    graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
     pin_static_targets(graph, opset)
+    static_values.pin_static_values(graph, opset)
     graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
     split_batch_heads(graph)
+    drop_identity_gathers(graph)
     graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
     graph.toposort()
 
@@ -185,3 +192,77 @@ def _batch_head_chain(first: gs.Node, outputs: set[str]) -> "tuple[list[gs.Node]
     if ts is None or rs is None or rs != ts[:merged] + [batch, heads] + ts[merged + 1:]:
         return None
     return transposes, last, heads
+
+
+def drop_identity_gathers(graph: gs.Graph) -> None:
+    """The dynamo exporter's `as_strided` on a contiguous tensor with a dynamic batch: Reshape to
+    1-D, then Gather by indices built at run time as Σ Range(dimₖ)·strideₖ on each axis k (the
+    batch) plus constant ramps (the other axes). When those indices spell x's own row-major layout,
+    the Gather returns x unchanged: its readers read x."""
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "Gather" or node.attrs.get("axis", 0) != 0 or not node.outputs \
+                or node.outputs[0].name in outputs or isinstance(node.inputs[1], gs.Constant):
+            continue
+        flat = node.inputs[0]
+        if len(flat.inputs) != 1 or flat.inputs[0].op != "Reshape" or flat.shape is None or len(flat.shape) != 1:
+            continue
+        x = flat.inputs[0].inputs[0]
+        dims = _dims(x)
+        if dims is None or dims != _dims(node.outputs[0]) or not all(isinstance(d, int) for d in dims[1:]):
+            continue
+        strides = [int(np.prod(dims[k + 1:], dtype=np.int64)) for k in range(len(dims))]
+        wanted = {k: s for k, s in enumerate(strides) if dims[k] != 1}
+        if _index_terms(node.inputs[1], len(dims)) == wanted:
+            canonical.replace_uses(node.outputs[0], x)
+            node.outputs.clear()
+
+
+def _index_terms(t: gs.Tensor, rank: int, depth: int = 0) -> "dict[int, int] | None":
+    """{axis: stride} when `t` = Σ over axes of (index along that axis) x stride, else None."""
+    if depth > 16:
+        return None
+    if isinstance(t, gs.Constant):
+        return _ramp(np.asarray(t.values), rank)
+    if len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op == "Add":
+        parts = [_index_terms(i, rank, depth + 1) for i in node.inputs]
+        if any(p is None for p in parts) or set(parts[0]) & set(parts[1]):
+            return None
+        return {**parts[0], **parts[1]}
+    if node.op in ("Unsqueeze", "Reshape") and t.shape is not None and len(t.shape) == rank:
+        wide = [k for k, d in enumerate(t.shape) if d != 1]
+        stride = _range_stride(node.inputs[0], depth + 1)
+        return {wide[0]: stride} if len(wide) == 1 and stride is not None else None
+    return None
+
+
+def _ramp(values: np.ndarray, rank: int) -> "dict[int, int] | None":
+    """A constant index term: zeros ({}), or arange(n)·stride along one axis."""
+    if values.ndim != rank or not np.issubdtype(values.dtype, np.integer):
+        return None
+    if not values.any():
+        return {}
+    wide = [k for k, d in enumerate(values.shape) if d != 1]
+    flat = values.reshape(-1)
+    if len(wide) != 1 or len(flat) < 2 or flat[0] != 0 or not np.array_equal(flat, np.arange(len(flat)) * flat[1]):
+        return None
+    return {wide[0]: int(flat[1])}
+
+
+def _range_stride(t: gs.Tensor, depth: int) -> int | None:
+    """s when `t` is Range(0, n, 1) times the constant s (s = 1 without the Mul)."""
+    if len(t.inputs) != 1 or depth > 16:
+        return None
+    node = t.inputs[0]
+    if node.op == "Mul":
+        consts = [i for i in node.inputs if isinstance(i, gs.Constant) and np.asarray(i.values).size == 1]
+        rest = [i for i in node.inputs if not (isinstance(i, gs.Constant) and np.asarray(i.values).size == 1)]
+        inner = _range_stride(rest[0], depth + 1) if len(consts) == 1 and len(rest) == 1 else None
+        return None if inner is None else inner * int(np.asarray(consts[0].values).reshape(-1)[0])
+    if node.op != "Range" or not all(isinstance(node.inputs[i], gs.Constant) for i in (0, 2)):
+        return None
+    start, delta = (int(np.asarray(node.inputs[i].values).reshape(-1)[0]) for i in (0, 2))
+    return 1 if (start, delta) == (0, 1) else None
