@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 import onnxprune
+from onnxprune.heads import group_kind
 from onnxprune.verify import random_inputs, session
 
 
@@ -153,6 +154,8 @@ class PruneCheck:
     frozen_reasons: list[tuple[str, int]] = field(default_factory=list)
     shapes_equal: bool = False
     seconds: float = 0.0
+    head_groups_pruned: int = 0
+    """Attention-head groups that lost heads."""
 
 
 def top_reasons(analysis, k: int = 3) -> list[tuple[str, int]]:
@@ -192,9 +195,11 @@ def prune_and_run(model: onnx.ModelProto, ratio: float = 0.5, prune_hidden: bool
         before, after = before_s.run(None, feeds), after_s.run(None, feeds)
         same = same and [a.shape for a in before] == [b.shape for b in after]
     rep = result.report
+    heads = {g.key for g in analysis.prunable if group_kind(analysis, g) == "heads"}
     check = PruneCheck(rep.before.params, rep.after.params, rep.before.macs, rep.after.macs,
                        len(analysis.groups), rep.groups_pruned, sum(1 for g in analysis.groups if g.frozen),
-                       top_reasons(analysis), same, time.perf_counter() - t0)
+                       top_reasons(analysis), same, time.perf_counter() - t0,
+                       sum(1 for e in result.plan.groups if e.key in heads and e.remove))
     return result, check
 
 
