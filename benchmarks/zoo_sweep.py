@@ -89,6 +89,8 @@ for variant in ("legacy-folded", "dynamo"):
                          "error": "export failed: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})
             continue
         for hidden in (False, True):
+            if hidden and not any("hidden size" in k for r in rows[-1:] for k, _ in r.get("frozen_reasons", [])):
+                continue  # no residual stream was frozen: prune_hidden changes nothing
             row = {"model": entry.name, "family": entry.family, "exporter": variant, "shapes": shapes, "hidden": hidden}
             try:
                 result, check = zoo.prune_and_run(model, ratio=0.5, prune_hidden=hidden)
