@@ -302,8 +302,10 @@ NOTES = """
 
 ### Known gaps (last run)
 
-- Swin-T on the TorchScript exporter removes 30% of params: its window reshapes compute their
-  targets at run time and 39 groups stay frozen with that reason (the dynamo export removes 46%).
+- Swin-T on the TorchScript exporter: its rows above predate the import rewrites of
+  `passes/batch_shapes.py` and `passes/static_values.py` (run-time window-reshape targets, Pad
+  amounts and the attention scale froze 39 groups: 30% removed). Current legacy-folded and dynamo
+  figures, static and dynamic batch, are in the dynamic-batch section below.
 - MaxViT: `Einsum` has a channel rule now, so no group freezes at it and its attention is
   recognised (heads prune); as for every transformer, the residual stream then stays frozen
   unless `prune_hidden=True` / `--prune-hidden` is given. MaxViT-T, legacy-folded: 51.2% of params
