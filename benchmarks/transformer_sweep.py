@@ -109,7 +109,10 @@ def write_section(table: str) -> None:
             f"heads, GQA), MLP 128, dynamic batch and sequence (ViT: batch). Rows marked static are the same "
             f"model exported without dynamic axes (batch 2, 8 tokens; `--static`), run at that size only. Heads are "
             f"counted per layer; under GQA a unit is a KV group with its query heads. Lossless: one dead head and 3 "
-            f"dead neurons planted per layer.\n\n"
+            f"dead neurons planted per layer. A static row prunes the same groups and units as its dynamic "
+            f"twin; it can end smaller because a static export looks up the fixed positions 0..7, which constant "
+            f"folding turns into an 8-row slice of the position table, while a dynamic export keeps the whole table "
+            f"(frozen with the hidden size).\n\n"
             f"{table}\n{END}")
     text = DOC.read_text() if DOC.exists() else "# Compatibility\n"
     if BEGIN in text and END in text:
