@@ -188,3 +188,25 @@ def test_a_static_target_read_from_another_layer_is_pinned_to_a_constant():
     assert first.inputs[0].shape == [S, "B", 3 * E]
     assert np.asarray(first.inputs[1].values).tolist() == [S, -1, 3, E]
     assert not [n for n in reshapes if "4*B" in str(n.outputs[0].shape)]  # the batch x heads merge is gone
+
+
+def test_chunk_bounds_computed_from_the_channel_count_are_pinned():
+    """torch's `chunk(2, dim=1)` with a dynamic batch: the Slice bounds are (C + 1) // 2 and twice
+    that, computed from `Shape` at run time. They are static, so the import writes them as constants
+    that the Slice rule rewrites, and both halves prune as in a static export."""
+    b = GraphBuilder(seed=9)
+    x = b.input(["B", 3, 6, 6])
+    h = b.op("Relu", [b.conv(x, 3, 8)])
+    half = _over(b, b.op("Add", [_dim(b, h, 1), _ints(b, 1)]), 2)
+    first = b.op("Slice", [h, _ints(b, 0), half, _ints(b, 1)])
+    second = b.op("Slice", [h, half, _times(b, half, 2), _ints(b, 1)])
+    b.op("Add", [b.conv(first, 4, 5), b.conv(second, 4, 5)])
+    b.nodes[-1].output[0] = "y"
+    b.output("y")
+    model = b.model()
+    analysis = onnxprune.analyze(model)
+    assert analysis.prunable and not [r for g in analysis.groups for r in g.frozen if "Slice" in r]
+    result = onnxprune.prune(model, ratio=0.5)
+    assert result.report.after.params < result.report.before.params
+    for batch in (1, 3):
+        assert_matches_masked(model, result, batch=batch)

@@ -7,7 +7,8 @@ constant computes the same thing; as a constant it no longer reads a channel cou
 and the Pad rule can see that the channel axis is not padded. A scale pinned this way keeps the
 value the original model used, which is what a pruned model must compute for its kept channels.
 
-Only two kinds of reader are pinned: a Pad's amounts and a Cast to a float type. Values that give
+Three kinds of reader are pinned: a Pad's amounts, a Slice's bounds (rewritten by the Slice rule
+when channels go, as in a static export) and a Cast to a float type. Values that give
 shapes (Reshape and Expand targets, ConstantOfShape sizes) must follow the pruned channel counts
 instead and are left alone (see `batch_shapes.py` and `ops/shape_values.py`). A value is static
 when evaluating it twice, with every symbolic dim set to different sizes, gives the same result.
@@ -30,17 +31,26 @@ FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFL
 
 
 def pin_static_values(graph: gs.Graph, opset: int) -> None:
-    """Replace the run-time amounts of Pads and integer inputs of float Casts that are static."""
+    """Replace the static run-time inputs of Pads, Slices and float Casts by constants."""
     for node in list(graph.nodes):
-        if node.op == "Pad" and len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
-            index = 1
-        elif node.op == "Cast" and node.attrs.get("to") in FLOATS and not isinstance(node.inputs[0], gs.Constant):
-            index = 0
-        else:
-            continue
-        value = static_value(node.inputs[index], opset)
-        if value is not None:
-            node.inputs[index] = gs.Constant(f"{node.name}_pinned_{index}", value)
+        for index in _pinnable(node):
+            if index < len(node.inputs) and node.inputs[index].name and not isinstance(node.inputs[index], gs.Constant):
+                value = static_value(node.inputs[index], opset)
+                if value is not None:
+                    node.inputs[index] = gs.Constant(f"{node.name}_pinned_{index}", value)
+
+
+def _pinnable(node: gs.Node) -> tuple[int, ...]:
+    """Inputs whose static value may be written as a constant: a Pad's amounts, a Slice's bounds
+    (torch's `chunk` with a dynamic batch computes them from the channel count; constant bounds are
+    rewritten by the Slice rule), the integer input of a float Cast."""
+    if node.op == "Pad":
+        return (1,)
+    if node.op == "Slice":
+        return (1, 2, 3, 4)
+    if node.op == "Cast" and node.attrs.get("to") in FLOATS:
+        return (0,)
+    return ()
 
 
 def static_value(tensor: gs.Tensor, opset: int) -> np.ndarray | None:
