@@ -61,10 +61,10 @@ def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 
 
 def assert_matches_masked(model: onnx.ModelProto, result: onnxprune.PruneResult, rtol=1e-4, atol=1e-5, seed=0,
-                          **options):
+                          batch: int = 1, **options):
     onnx.checker.check_model(result.model, full_check=True)
     reference = masked_reference(model, result, **options)
-    feeds = random_inputs(model, seed)
+    feeds = random_inputs(model, seed, batch=batch)  # `batch`: the size of symbolic input dims
     ref = session(reference).run(None, feeds)
     out = session(result.model).run(None, feeds)
     orig = session(model).run(None, feeds)

@@ -159,7 +159,6 @@ def test_lossless_removes_the_dead_kv_group_exactly(tile):
 
 @pytest.mark.parametrize("variant, reason", [
     (dict(kv_from_constant=True), "computed constant onnxprune cannot rewrite"),
-    (dict(merge="add"), "channel count is read at run time by Add"),  # KV + KV: arithmetic not followed
 ])
 def test_run_time_targets_it_cannot_rewrite_freeze_the_heads(variant, reason):
     model = gqa(**variant)
@@ -203,10 +202,22 @@ def test_tile_repeats_read_at_run_time_freeze_the_channels():
     assert any("Tile repeats of the channel axis are computed at run time" in r for r in reasons), reasons
 
 
-def test_run_time_width_read_from_another_layers_channels_freezes_without_merging():
+def test_merged_head_count_spelled_by_arithmetic_it_does_not_follow_is_pinned():
+    """KV + KV is no arithmetic the shape evaluator follows, but its value is static: the import
+    writes the merge target as a constant, which the rewrite changes with the kept heads."""
+    model = gqa(merge="add")
+    result = onnxprune.prune(model, ratio=0.5)
+    assert result.report.channels_removed == 1
+    assert _score_heads(result.model) == HEADS - REP
+    for batch in (1, 3):
+        assert_matches_masked(model, result, batch=batch)
+
+
+def test_run_time_width_read_from_another_layers_channels_is_pinned_without_merging():
     """Swin's attention output is reshaped back with the residual stream's width read at run time:
     the same count, but not the same channels (a MatMul lies between). Tying them would merge the
-    residual stream into the attention group; the target freezes the attention channels instead."""
+    residual stream into the attention group. The width is static, so the import writes it as a
+    constant: the attention channels prune alone and the rewrite changes that constant."""
     b = GraphBuilder(seed=3)
     x = b.input(["B", S, HIDDEN])
     split = b.op("Reshape", [b.op("MatMul", [x, b.weight([HIDDEN, HIDDEN], "wa")]), b.const(_i64(0, 0, 2, 8))])
@@ -215,8 +226,12 @@ def test_run_time_width_read_from_another_layers_channels_freezes_without_mergin
     b.op("Add", [x, b.op("MatMul", [merged, b.weight([HIDDEN, HIDDEN], "wb")])])
     b.nodes[-1].output[0] = "y"
     b.output("y", shape=["B", S, HIDDEN])
-    analysis = onnxprune.analyze(b.model())
+    model = b.model()
+    analysis = onnxprune.analyze(model)
     by_slot = {m.slot: g for g in analysis.groups for m in g.members}
     inner, stream = by_slot[("wa1", 1)], by_slot[("x", 2)]
-    assert inner is not stream
-    assert any("reads the size of another layer's channels" in r for r in inner.frozen), inner.frozen
+    assert inner is not stream and inner.prunable, inner.frozen
+    result = onnxprune.prune(model, ratio=0.5)
+    assert result.report.channels_removed == inner.size // 2
+    for batch in (1, 3):
+        assert_matches_masked(model, result, batch=batch)

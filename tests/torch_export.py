@@ -29,10 +29,13 @@ OPSET = 18
 
 def export(model: torch.nn.Module, args: "tuple | torch.Tensor", path: "str | os.PathLike[str]",
            variant: str, input_names: "list[str] | None" = None,
-           output_names: "list[str] | None" = None) -> onnx.ModelProto:
+           output_names: "list[str] | None" = None, dynamic: bool = False) -> onnx.ModelProto:
     """Export `model` (put in eval mode) with `args` to `path` as a single self-contained file.
 
-    Returns the loaded ModelProto. Exporter chatter (warnings, progress prints) is silenced.
+    `dynamic`: axis 0 of every input (and output) is a run-time batch size, as users export
+    (`dynamic_axes` for TorchScript, `dynamic_shapes` for dynamo; give a batch of at least 2, as
+    torch.export specialises a size-1 dim). Returns the loaded ModelProto. Exporter chatter
+    (warnings, progress prints) is silenced.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown export variant {variant!r}, expected one of {VARIANTS}")
@@ -40,21 +43,35 @@ def export(model: torch.nn.Module, args: "tuple | torch.Tensor", path: "str | os
     args = args if isinstance(args, tuple) else (args,)
     names = input_names or (["x"] if len(args) == 1 else [f"x{i}" for i in range(len(args))])
     path = os.fspath(path)
+    if dynamic and output_names is None:
+        output_names = _output_names(model, args)
     # Autograd stays on: under no_grad, eval-mode nn.MultiheadAttention takes its fused fast path
     # (aten::_native_multi_head_attention), which the TorchScript exporter cannot translate.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         if variant == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096) if dynamic else None
+            shapes = tuple({0: batch} for _ in args) if dynamic else None
             program = torch.onnx.export(model, args, dynamo=True, input_names=names, output_names=output_names,
-                                        opset_version=OPSET, optimize=True, verbose=False)
+                                        opset_version=OPSET, optimize=True, verbose=False, dynamic_shapes=shapes)
             program.save(path, external_data=False)
         else:
             folded = variant == "legacy-folded"
+            axes = {name: {0: "batch"} for name in names + list(output_names or [])} if dynamic else None
             torch.onnx.export(model, args, path, dynamo=False, input_names=names, output_names=output_names,
-                              opset_version=OPSET, do_constant_folding=folded,
+                              opset_version=OPSET, dynamic_axes=axes, do_constant_folding=folded,
                               training=torch.onnx.TrainingMode.EVAL if folded else torch.onnx.TrainingMode.PRESERVE)
     return onnx.load(path)
+
+
+def _output_names(model: torch.nn.Module, args: tuple) -> list[str]:
+    """Names for every output (a dynamic batch axis is declared by name): a dict's keys, else y0..."""
+    with torch.no_grad():
+        out = model(*args)
+    if isinstance(out, dict):
+        return list(out)
+    return [f"y{i}" for i in range(len(out))] if isinstance(out, (tuple, list)) else ["y"]
 
 
 _BATCHNORM = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 import onnxprune
+from onnxprune.heads import group_kind
 from onnxprune.verify import random_inputs, session
 
 
@@ -133,10 +134,10 @@ def build(entry: ZooModel, seed: int = 0):
     return model
 
 
-def example_input(entry: ZooModel, seed: int = 0):
+def example_input(entry: ZooModel, seed: int = 0, batch: int = 1):
     import torch
 
-    return torch.randn(1, 3, entry.size, entry.size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 3, entry.size, entry.size, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -153,6 +154,8 @@ class PruneCheck:
     frozen_reasons: list[tuple[str, int]] = field(default_factory=list)
     shapes_equal: bool = False
     seconds: float = 0.0
+    head_groups_pruned: int = 0
+    """Attention-head groups that lost heads."""
 
 
 def top_reasons(analysis, k: int = 3) -> list[tuple[str, int]]:
@@ -177,20 +180,26 @@ def _generic(reason: str) -> str:
     return reason
 
 
-def prune_and_run(model: onnx.ModelProto, ratio: float = 0.5) -> tuple[onnxprune.PruneResult, PruneCheck]:
-    """Prune at `ratio` (l1), then run both models in ORT and compare output shapes."""
+def prune_and_run(model: onnx.ModelProto, ratio: float = 0.5, prune_hidden: bool = False
+                  ) -> tuple[onnxprune.PruneResult, PruneCheck]:
+    """Prune at `ratio` (l1), then run both models in ORT and compare output shapes (at batch sizes
+    1 and 3: the same feeds for a static model, two batches for a dynamic one)."""
     t0 = time.perf_counter()
-    analysis = onnxprune.analyze(model)
-    result = onnxprune.prune(model, ratio=ratio, criterion="l1")
+    analysis = onnxprune.analyze(model, prune_hidden=prune_hidden)
+    result = onnxprune.prune(model, ratio=ratio, criterion="l1", prune_hidden=prune_hidden)
     onnx.checker.check_model(result.model, full_check=True)
-    feeds = random_inputs(model, seed=0)
-    before = session(model).run(None, feeds)
-    after = session(result.model).run(None, feeds)
+    before_s, after_s = session(model), session(result.model)
+    same = True
+    for batch in (1, 3):
+        feeds = random_inputs(model, seed=0, batch=batch)
+        before, after = before_s.run(None, feeds), after_s.run(None, feeds)
+        same = same and [a.shape for a in before] == [b.shape for b in after]
     rep = result.report
+    heads = {g.key for g in analysis.prunable if group_kind(analysis, g) == "heads"}
     check = PruneCheck(rep.before.params, rep.after.params, rep.before.macs, rep.after.macs,
                        len(analysis.groups), rep.groups_pruned, sum(1 for g in analysis.groups if g.frozen),
-                       top_reasons(analysis), [a.shape for a in before] == [b.shape for b in after],
-                       time.perf_counter() - t0)
+                       top_reasons(analysis), same, time.perf_counter() - t0,
+                       sum(1 for e in result.plan.groups if e.key in heads and e.remove))
     return result, check
 
 
@@ -200,25 +209,31 @@ def lossless_error(model: onnx.ModelProto) -> tuple[onnxprune.PruneResult, float
     onnx.checker.check_model(result.model, full_check=True)
     worst = 0.0
     for seed in (0, 1):
-        feeds = random_inputs(model, seed=seed)
+        feeds = random_inputs(model, seed=seed, batch=1 + 2 * seed)  # batch 3 where the batch is dynamic
         for a, b in zip(session(model).run(None, feeds), session(result.model).run(None, feeds)):
             scale = max(float(np.abs(a).max()), 1e-6)
             worst = max(worst, float(np.abs(a - b).max()) / scale)
     return result, worst
 
 
-def export_cached(entry: ZooModel, variant: str, directory: Path, dead: bool = False) -> onnx.ModelProto:
-    """Export once per (model, variant, dead) into `directory`, reusing an earlier file."""
+SHAPE_MODES = ("static", "dynamic")
+"""Export with a fixed batch of 1, or with a run-time batch axis (`dynamic_axes` / `dynamic_shapes`)."""
+
+
+def export_cached(entry: ZooModel, variant: str, directory: Path, dead: bool = False,
+                  shapes: str = "static") -> onnx.ModelProto:
+    """Export once per (model, variant, dead, shape mode) into `directory`, reusing an earlier file."""
     from torch_export import export, plant_dead_channels
 
-    path = directory / f"{entry.name}-{variant}{'-dead' if dead else ''}.onnx"
+    dynamic = shapes == "dynamic"
+    path = directory / f"{entry.name}-{variant}{'-dead' if dead else ''}{'-dyn' if dynamic else ''}.onnx"
     if path.exists():
         return onnx.load(str(path))
     model = build(entry)
-    x = example_input(entry)
+    x = example_input(entry, batch=2 if dynamic else 1)  # torch.export specialises a batch of 1
     if dead:
         plant_dead_channels(model, fraction=0.25, seed=1, args=(x,))
-    return export(model, (x,), path, variant, output_names=_output_names(model, x))
+    return export(model, (x,), path, variant, output_names=_output_names(model, x), dynamic=dynamic)
 
 
 def _output_names(model, x) -> "list[str] | None":

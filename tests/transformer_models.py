@@ -118,8 +118,9 @@ def example_inputs(family: str, batch: int, seq: int, seed: int = 0) -> dict[str
             "attention_mask": np.ones((batch, seq), dtype=np.int64)}
 
 
-def export_transformer(family: str, exporter: str, path) -> tuple[onnx.ModelProto, int]:
-    """Build, plant and export one tiny model; returns (ModelProto, planted units)."""
+def export_transformer(family: str, exporter: str, path, dynamic: bool = True) -> tuple[onnx.ModelProto, int]:
+    """Build, plant and export one tiny model; returns (ModelProto, planted units). `dynamic`: batch
+    and sequence axes dynamic (batch only for ViT); otherwise every dim is fixed at batch 2, 8 tokens."""
     torch.manual_seed(0)
     model = _config(family).eval()
     planted = plant_dead_units(model, family)
@@ -133,13 +134,13 @@ def export_transformer(family: str, exporter: str, path) -> tuple[onnx.ModelProt
             batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=48)
             shapes = tuple({0: batch} if family == "vit" else {0: batch, 1: seq} for _ in names)
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=["y"],
-                                        dynamic_shapes=shapes, opset_version=18, verbose=False)
+                                        dynamic_shapes=shapes if dynamic else None, opset_version=18, verbose=False)
             program.save(str(path), external_data=False)
         else:
             axes = {n: ({0: "batch"} if family == "vit" else {0: "batch", 1: "seq"}) for n in names}
             axes["y"] = {0: "batch"} if family == "vit" else {0: "batch", 1: "seq"}
             torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=names, output_names=["y"],
-                              dynamic_axes=axes, opset_version=17)
+                              dynamic_axes=axes if dynamic else None, opset_version=17)
     return onnx.load(str(path)), planted
 
 

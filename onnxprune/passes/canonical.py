@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.ops.control_flow import all_nodes, all_tensors, canonicalize_bodies
 from onnxprune.ops.shape_values import Dim, Known, shape_value
+from onnxprune.passes import batch_shapes
 
 SMALL_CONSTANT = 1 << 16
 """Elements up to which a shared constant is copied (large shared tensors are shared on purpose:
@@ -35,6 +36,7 @@ def canonicalize(graph: gs.Graph, opset: int) -> gs.Graph:
     split_shared_constants(graph)
     split_shared_shape_targets(graph)
     fold_transpose_round_trips(graph, opset)
+    batch_shapes.rewrite(graph, opset)
     graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
     return graph
 

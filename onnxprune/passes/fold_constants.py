@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 
 from onnxprune.ir import export_structure, infer_shapes, opset_version, to_graph
+from onnxprune.passes import batch_shapes
 from onnxprune.passes.canonical import replace_uses
 from onnxprune.static_shapes import ProbeRuns
 
@@ -127,6 +128,7 @@ def folded_graph(model: onnx.ModelProto) -> gs.Graph:
     result = fold_constants(to_graph(model, probes), opset_version(model))
     if result.folded:
         _refresh_shapes(result.graph, model, probes)
+        batch_shapes.rewrite(result.graph, opset_version(model))
     return result.graph
 
 
