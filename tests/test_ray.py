@@ -1,0 +1,157 @@
+"""Scale-out on a local Ray: statistics with Ray Data actors and sensitivity sweeps as Ray tasks give
+the single-process numbers, also after a worker is killed; a bad shard is refused in one line.
+
+Marked `ray`: run in a pytest process of its own (`python -m pytest -m ray`), one local Ray per module.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("pyarrow")
+import ray  # noqa: E402
+
+import onnxprune.ray as onnxprune_ray  # noqa: E402
+from cli_helpers import run  # noqa: E402
+from onnxprune.api import analyze  # noqa: E402
+from onnxprune.demo import demo_files  # noqa: E402
+from onnxprune.ir import load_model  # noqa: E402
+from onnxprune.passes.stats import Statistics, collect  # noqa: E402
+from onnxprune.ray.stats import StatsWorker  # noqa: E402
+from onnxprune.sensitivity import sensitivity  # noqa: E402
+from onnxprune.shards import write_parquet, write_tar  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The digits test split as three Parquet shards and one tar shard; the serial statistics."""
+    model, test, _ = demo_files()
+    arrays = dict(np.load(test))
+    folder = tmp_path_factory.mktemp("shards")
+    parts = np.array_split(np.arange(len(arrays["label"])), 4)
+    for i, rows in enumerate(parts[:3]):
+        write_parquet({k: v[rows] for k, v in arrays.items()}, folder / f"part{i}.parquet", rows_per_group=40)
+    write_tar({k: v[parts[3]] for k, v in arrays.items()}, folder / "part3.tar")
+    original = load_model(model)
+    return model, folder, arrays, collect(original, analyze(original), folder, quiet=True)
+
+
+def assert_same_stats(a: Statistics, b: Statistics) -> None:
+    assert a.fingerprint == b.fingerprint and a.samples == b.samples
+    assert a.slots.keys() == b.slots.keys() and a.grams.keys() == b.grams.keys()
+    for slot, s in b.slots.items():
+        assert a.slots[slot].count == s.count
+        for part in ("sum", "abs", "sq", "zeros"):
+            np.testing.assert_allclose(getattr(a.slots[slot], part), getattr(s, part), rtol=1e-9, atol=1e-9)
+    for name, g in b.grams.items():
+        assert a.grams[name].rows == g.rows
+        np.testing.assert_allclose(a.grams[name].gram, g.gram, rtol=1e-9, atol=1e-6)
+
+
+def test_stats_over_shards_equal_the_serial_run(shards):
+    model, folder, arrays, serial = shards
+    assert serial.samples == len(arrays["label"]) == 450
+    assert_same_stats(onnxprune_ray.stats(model, folder, workers=2), serial)
+
+
+def test_stats_over_a_ray_dataset_equal_the_serial_run(shards):
+    model, _, arrays, serial = shards
+    dataset = ray.data.from_numpy(arrays["image"]).rename_columns({"data": "image"})
+    assert_same_stats(onnxprune_ray.stats(model, dataset, workers=2), serial)
+
+
+def dies_once_on(shard: str, marker: Path):
+    """An actor class that kills its own process the first time it is given `shard`."""
+
+    class DiesOnce(StatsWorker):
+        def __call__(self, batch):
+            if any(str(s).endswith(shard) for s in batch["shard"]) and not marker.exists():
+                marker.write_text("died")
+                os._exit(1)
+            return super().__call__(batch)
+
+    return DiesOnce
+
+
+def test_a_killed_stats_worker_is_restarted_and_counts_once(shards, tmp_path):
+    model, folder, _, serial = shards
+    marker = tmp_path / "died"
+    result = onnxprune_ray.stats(model, folder, workers=2, worker=dies_once_on("part1.parquet", marker))
+    assert marker.read_text() == "died"
+    assert_same_stats(result, serial)
+
+
+def test_stats_command_on_ray_writes_the_serial_numbers(shards, tmp_path, capsys):
+    model, folder, _, serial = shards
+    out = tmp_path / "s.npz"
+    code, stdout, err = run(["stats", model, "--data", *sorted(folder.iterdir()), "-o", out, "--ray",
+                             "--workers", "2", "--quiet"], capsys)
+    assert code == 0, err
+    assert "450 samples" in stdout
+    assert_same_stats(Statistics.load(out), serial)
+
+
+def test_a_bad_shard_is_named_in_one_line_and_nothing_is_written(shards, tmp_path, capsys):
+    model, folder, _, _ = shards
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "part9.parquet").write_bytes(b"PAR1 not really parquet")
+    out = tmp_path / "s.npz"
+    code, _, err = run(["stats", model, "--data", bad, "-o", out, "--ray", "--quiet"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "part9.parquet" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_sensitivity_on_ray_gives_the_serial_table_json_and_plot(shards, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    model, folder, _, _ = shards
+    outputs = {}
+    for mode, extra in (("serial", []), ("ray", ["--ray", "--workers", "2"])):
+        js, png = tmp_path / f"{mode}.json", tmp_path / f"{mode}.png"
+        code, stdout, err = run(["sensitivity", model, "--data", folder, "--samples", "100", "--ratios", "0.3", "0.6",
+                                 "--json", js, "--plot", png, "--quiet", *extra], capsys)
+        assert code == 0, err
+        outputs[mode] = (stdout.replace(str(js), "").replace(str(png), ""), json.loads(js.read_text()),
+                         png.read_bytes())
+    assert outputs["ray"] == outputs["serial"]
+    assert len(outputs["ray"][1]["groups"]) == 4 and outputs["ray"][1]["samples"] == 100
+
+
+def dies_once(marker: Path):
+    """A task body that kills its worker process on the first point evaluated, then behaves."""
+    from onnxprune.ray.sweep import _evaluate
+
+    def evaluate(shared, plan):
+        if not marker.exists():
+            marker.write_text("died")
+            os._exit(1)
+        return _evaluate(shared, plan)
+
+    return evaluate
+
+
+def test_a_killed_sensitivity_task_is_retried(shards, tmp_path):
+    model, folder, _, _ = shards
+    marker = tmp_path / "died"
+    serial = sensitivity(model, folder, ratios=(0.3, 0.6), samples=64, quiet=True)
+    again = onnxprune_ray.sensitivity(model, folder, ratios=(0.3, 0.6), samples=64, evaluate=dies_once(marker))
+    assert marker.read_text() == "died"
+    assert again.to_json() == serial.to_json()
