@@ -133,7 +133,7 @@ def _column_array(column, field, where: str) -> np.ndarray:
         raise InputError(f"{where}: column has null values")
     n = len(column)
     shape = _declared_shape(field)
-    if isinstance(column.type, pa.ExtensionType):
+    if isinstance(column.type, pa.BaseExtensionType):
         shape = tuple(getattr(column.type, "shape", None) or ()) or shape
         column = column.storage
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
