@@ -26,16 +26,24 @@ ROWS_PER_CALL = 2048
 class StatsWorker:
     """Ray Data actor: one session; each call sums one shard (or block of rows) into a partial."""
 
-    def __init__(self, model, recipe, shards: bool) -> None:
+    def __init__(self, model: list, recipe, shards: bool) -> None:
+        """`model`: [object-store reference to the serialized model] (nested, so the actor's own
+        arguments stay small and a restarted actor fetches the model again)."""
+        import ray
+
         from onnxprune.passes.stats import Accumulator
 
-        model = onnx.load_model_from_string(model)
-        self.recipe, self.shards = recipe, shards
-        self.accumulator = Accumulator(model, recipe)
+        self.recipe, self.shards, self.error = recipe, shards, ""
+        try:  # an actor whose constructor raises would be restarted forever: report on the first call
+            self.accumulator = Accumulator(onnx.load_model_from_string(ray.get(model[0])), recipe)
+        except OnnxPruneError as exc:
+            self.error = str(exc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from onnxprune.passes.stats import Statistics
 
+        if self.error:
+            return _row(b"", self.error)
         partial = Statistics(self.recipe.fingerprint)
         try:
             for sub in self._batches(batch):
@@ -79,13 +87,14 @@ def stats(model, data, *, workers: int = 2, address: str | None = None, grams: b
     recipe = Recipe.of(original, analyze(original), grams, batch_size)
     with connected(address, workers, quiet), worker_errors():
         shards = not isinstance(data, ray.data.Dataset)
+        model_ref = ray.put(original.SerializeToString())  # held here until the last partial is merged
         dataset = _shard_dataset(data) if shards else data
         # Ray Data restarts a dead actor and re-runs its unit (its default for actor pools). Actors on a
         # Dataset leave half a CPU each to the upstream read tasks, which would otherwise starve.
         partials = dataset.map_batches(
             worker, batch_size=1 if shards else ROWS_PER_CALL, batch_format="numpy", concurrency=workers,
             num_cpus=1 if shards else 0.5,
-            fn_constructor_kwargs={"model": original.SerializeToString(), "recipe": recipe, "shards": shards})
+            fn_constructor_kwargs={"model": [model_ref], "recipe": recipe, "shards": shards})
         total = Statistics(recipe.fingerprint)
         for row in partials.iter_rows():
             if row["error"]:

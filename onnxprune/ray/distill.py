@@ -1,0 +1,204 @@
+"""Distillation on Ray Train: data-parallel PyTorch, one teacher ONNX Runtime session per worker.
+
+Every worker reads the same data in the same shuffled order (one seed), cuts each global batch of
+`batch` rows into `workers` equal slices and trains on its slice: the teacher runs on the slice only,
+and the gradients are averaged over the workers (gloo all-reduce, as DistributedDataParallel does)
+before every Adam step, so the weights stay equal on every worker and follow the single-process run
+at the same global batch up to floating-point order. The step, the losses, the shuffling and the
+evaluation are those of `onnxprune.train.distill`; only the gradient averaging is added here.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputError
+from onnxprune.ray.cluster import connected, require_ray, worker_errors
+
+
+class AveragedGradients:
+    """An optimizer wrapper: `step()` first averages every parameter's gradient over the workers
+    (one flat all-reduce), then steps; what DDP does, for a model that is not an `nn.Module`."""
+
+    def __init__(self, optimizer, params: list, world: int) -> None:
+        self.optimizer, self.params, self.world = optimizer, params, world
+        self.param_groups = optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        self.optimizer.step()
+
+
+def _mean_over_workers(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0]) / dist.get_world_size()
+
+
+def train_loop(config: dict) -> None:
+    """The loop each Ray Train worker runs (mirrors `run_distillation`, epoch by epoch)."""
+    import ray.train
+    import torch
+
+    from onnxprune.data import batch_size_for, model_inputs
+    from onnxprune.train.distill import (DistillHistory, EpochRecord, Evaluation, TeacherRunner, _batch_size,
+                                         _restore, _snapshot, check_feeds, check_match, check_pair,
+                                         shuffled_batches, train_step)
+    from onnxprune.train.graph import TrainableGraph
+    from onnxprune.train.losses import plan_losses
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    options, data, eval_data = config["options"], config["data"], config["eval_data"]
+    student = onnx.load_model_from_string(config["student"])
+    teacher = onnx.load_model_from_string(config["teacher"])
+    check_pair(student, teacher)
+    check_match(student, teacher, options.match)
+    names = model_inputs(student)
+    batch = _batch_size(student, options.batch)
+    if batch % world:
+        raise InputError(f"batch {batch} must be a multiple of --workers {world} (each worker takes an equal slice)")
+    if batch_size_for(student, default=0):
+        raise InputError("distill on Ray needs a free batch axis: each worker runs batch / workers rows")
+    local = batch // world
+    plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
+                       options.label_weight)
+    graph = TrainableGraph(student)
+    trainable = [n for n, role in graph.roles.items() if role == "param" or (role == "bn_param" and not options.freeze_bn)]
+    graph.set_trainable(trainable)
+    params = [graph.parameters_by_name[n] for n in trainable]
+    optimizer = AveragedGradients(torch.optim.Adam(params, lr=options.lr), params, world)
+    teacher_run = TeacherRunner(teacher, options.match)
+    evaluation = Evaluation(student, plan, batch, eval_data if eval_data is not None else data,
+                            options.eval_labels or options.labels)
+    history = DistillHistory(evaluated_on="eval data" if eval_data is not None else "training data")
+    history.before = evaluation.run(graph, teacher_run)  # every worker: same weights, same figures
+    history.metric = evaluation.metric(history.before)
+    best, stale = (history.before.get(history.metric, -math.inf), _snapshot(graph, params, trainable)), 0
+    rng, start = np.random.default_rng(options.seed), time.monotonic()
+    extra = (options.labels,) if options.labels else ()
+    for epoch in range(1, options.epochs + 1):
+        t0 = time.monotonic()
+        for group in optimizer.param_groups:  # the single-process run's cosine decay
+            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
+        losses, samples = [], 0
+        for feeds in shuffled_batches(data, names, batch, rng, extra, drop_partial=True):
+            part = {k: v[rank * local:(rank + 1) * local] for k, v in feeds.items()}
+            inputs = {n: part[n] for n in names}
+            check_feeds(student, inputs)
+            loss, _ = train_step(graph, optimizer, plan, inputs, teacher_run(inputs), part.get(options.labels))
+            losses.append(loss)
+            samples += batch
+        if not losses:
+            raise InputError(f"data: no complete global batch of {batch} rows")
+        figures = evaluation.run(graph, teacher_run) if eval_data is not None else {}
+        history.epochs.append(EpochRecord(epoch, _mean_over_workers(float(np.mean(losses))), {}, figures,
+                                          time.monotonic() - t0))
+        history.samples = samples
+        score = figures.get(history.metric, -math.inf)
+        if eval_data is None or score > best[0]:
+            best, stale, history.best_epoch = (score, _snapshot(graph, params, trainable)), 0, epoch
+        else:
+            stale += 1
+        if eval_data is not None and stale >= options.patience:
+            history.stopped = "early stop"
+            break
+    _restore(graph, best[1])
+    history.after = (evaluation.run(graph, teacher_run) if eval_data is None else
+                     history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
+    history.seconds = time.monotonic() - start
+    if rank == 0:
+        import ray
+
+        ray.get(config["sink"].put.remote((graph.to_onnx().SerializeToString(), history)))
+
+
+def distill(student, teacher, data, *, workers: int = 2, address: str | None = None, eval_data=None,
+            options=None, quiet: bool = True):
+    """`onnxprune.train.distill.distill` as data-parallel Ray Train on `workers` CPU workers.
+
+    `data` / `eval_data` are re-readable paths (every worker reads them: on a cluster, from a file
+    system all nodes see); `options` is a `DistillOptions` (its `batch` is the global batch).
+    Returns a `DistillResult`. The last incomplete global batch of an epoch is dropped."""
+    ray = require_ray("distill on Ray")
+    from onnxprune.ir import load_model
+    from onnxprune.data import is_one_shot
+    from onnxprune.train.distill import DistillOptions, DistillResult, require_torch
+
+    require_torch("distill on Ray")
+    options = options or DistillOptions()
+    options.check()
+    if options.max_minutes is not None:
+        raise InputError("--max-minutes is not supported with --ray")
+    if is_one_shot(data) or (eval_data is not None and is_one_shot(eval_data)):
+        raise InputError("distill on Ray reads the data on every worker: give paths, not a generator")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = {"student": load_model(student).SerializeToString(), "teacher": load_model(teacher).SerializeToString(),
+              "options": options, "data": _absolute(data), "eval_data": _absolute(eval_data)}
+    with connected(address, workers + 1, quiet), worker_errors(), tempfile.TemporaryDirectory() as storage:
+        sink = ray.remote(num_cpus=0)(_Sink).remote()
+        trainer = TorchTrainer(train_loop, train_loop_config=dict(config, sink=sink),
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+                               torch_config=TorchConfig(backend="gloo"),
+                               run_config=RunConfig(storage_path=storage, name="onnxprune-distill"))
+        trainer.fit()
+        found = ray.get(sink.get.remote())
+    if found is None:
+        raise InputError("distill on Ray: the workers returned no model")
+    model, history = found
+    return DistillResult(onnx.load_model_from_string(model), history)
+
+
+def _absolute(data):
+    """Paths made absolute: Ray workers do not share the driver's working directory."""
+    import os
+    from pathlib import Path
+
+    if isinstance(data, (str, os.PathLike)) and Path(data).exists():
+        return str(Path(data).resolve())
+    if isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data):
+        return [_absolute(d) if Path(d).exists() else _pair(d) for d in data]
+    return data
+
+
+def _pair(spec) -> str:
+    """`name:file.npy` with the file made absolute."""
+    name, _, file = str(spec).partition(":")
+    return f"{name}:{_absolute(file)}" if file else str(spec)
+
+
+class _Sink:
+    """Holds what rank 0 hands back (the trained model, the history) until the driver takes it."""
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def put(self, value) -> None:
+        self.value = value
+
+    def get(self):
+        return self.value
