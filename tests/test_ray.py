@@ -63,12 +63,6 @@ def assert_same_stats(a: Statistics, b: Statistics) -> None:
         np.testing.assert_allclose(a.grams[name].gram, g.gram, rtol=1e-9, atol=1e-6)
 
 
-def test_stats_over_shards_equal_the_serial_run(shards):
-    model, folder, arrays, serial = shards
-    assert serial.samples == len(arrays["label"]) == 450
-    assert_same_stats(onnxprune_ray.stats(model, folder, workers=2), serial)
-
-
 def test_stats_over_a_ray_dataset_equal_the_serial_run(shards):
     model, _, arrays, serial = shards
     dataset = ray.data.from_numpy(arrays["image"]).rename_columns({"data": "image"})
@@ -88,22 +82,13 @@ def dies_once_on(shard: str, marker: Path):
     return DiesOnce
 
 
-def test_a_killed_stats_worker_is_restarted_and_counts_once(shards, tmp_path):
-    model, folder, _, serial = shards
+def test_stats_over_shards_equal_the_serial_run_even_when_a_worker_dies(shards, tmp_path):
+    model, folder, arrays, serial = shards
+    assert serial.samples == len(arrays["label"]) == 450
     marker = tmp_path / "died"
     result = onnxprune_ray.stats(model, folder, workers=2, worker=dies_once_on("part1.parquet", marker))
-    assert marker.read_text() == "died"
-    assert_same_stats(result, serial)
-
-
-def test_stats_command_on_ray_writes_the_serial_numbers(shards, tmp_path, capsys):
-    model, folder, _, serial = shards
-    out = tmp_path / "s.npz"
-    code, stdout, err = run(["stats", model, "--data", *sorted(folder.iterdir()), "-o", out, "--ray",
-                             "--workers", "2", "--quiet"], capsys)
-    assert code == 0, err
-    assert "450 samples" in stdout
-    assert_same_stats(Statistics.load(out), serial)
+    assert marker.read_text() == "died"  # the actor process was killed on its first attempt at part1
+    assert_same_stats(result, serial)  # ... restarted, part1 re-run, counted once
 
 
 def test_a_bad_shard_is_named_in_one_line_and_nothing_is_written(shards, tmp_path, capsys):
@@ -151,7 +136,7 @@ def dies_once(marker: Path):
 def test_a_killed_sensitivity_task_is_retried(shards, tmp_path):
     model, folder, _, _ = shards
     marker = tmp_path / "died"
-    serial = sensitivity(model, folder, ratios=(0.3, 0.6), samples=64, quiet=True)
-    again = onnxprune_ray.sensitivity(model, folder, ratios=(0.3, 0.6), samples=64, evaluate=dies_once(marker))
+    serial = sensitivity(model, folder, ratios=(0.5,), samples=64, quiet=True)
+    again = onnxprune_ray.sensitivity(model, folder, ratios=(0.5,), samples=64, evaluate=dies_once(marker))
     assert marker.read_text() == "died"
     assert again.to_json() == serial.to_json()
