@@ -31,6 +31,7 @@ from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyR
 if TYPE_CHECKING:
     from onnxprune.passes.stats import Statistics
     from onnxprune.quantize import ModelFigures
+    from onnxprune.train.distill import DistillOptions
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 REPORT_VERSION = 1
@@ -82,6 +83,8 @@ class PruneReport:
     """Side-by-side figures (original, pruned, quantized) when quantizing or given eval data."""
     layers: list[dict] = field(default_factory=list)
     """Per channel group: key, producers, channels, removed, frozen reasons (charts, dashboards)."""
+    distill: dict | None = None
+    """The distillation that followed pruning (`prune(..., distill=...)`): `DistillHistory.to_dict()`."""
 
     def to_dict(self) -> dict:
         out = {
@@ -105,6 +108,8 @@ class PruneReport:
         if self.models:
             out["models"] = {name: figures.to_dict() for name, figures in self.models.items()}
         out["layers"] = self.layers
+        if self.distill is not None:
+            out["distill"] = self.distill
         return out
 
 
@@ -157,6 +162,7 @@ def prune(
     head_ratio: float | None = None,
     prune_hidden: bool = False,
     gqa: Literal["kv", "query"] = "kv",
+    distill: "bool | DistillOptions" = False,
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
@@ -179,6 +185,10 @@ def prune(
     Options that the chosen mode would ignore (a ratio with a target, head_ratio with a target,
     criterion options with a replayed plan, ...) are refused with `InputError`.
 
+    `distill` (True, or `onnxprune.train.DistillOptions`) distils the pruned model from the
+    original on `data` right after pruning (needs the `train` extra); `eval_data` and `labels` then
+    also drive early stopping, and every figure of the report is the distilled model's.
+
     A `data` source that can be read only once (a generator, a `get_next()` reader) is copied once,
     batch by batch, into a temporary .npz directory that every step re-reads.
     """
@@ -189,6 +199,12 @@ def prune(
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
+    if distill:
+        from onnxprune.train.distill import require_torch
+
+        if data is None:
+            raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
+        require_torch()
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -214,7 +230,8 @@ def prune(
     before = count(original)
     # A model read from a file is ours: the export reuses its proto so weights are never held twice.
     # Steps that need the original afterwards (verify, bench, quantize) get the copying export.
-    reuse = not isinstance(model, onnx.ModelProto) and not (verify or bench or quantize or eval_data is not None)
+    reuse = not isinstance(model, onnx.ModelProto) and not (verify or bench or quantize or eval_data is not None
+                                                            or distill)
     pruned = from_graph(analysis.graph, meta, into=original if reuse else None)
     if reuse:
         original = None  # its storage now holds the pruned model
@@ -224,8 +241,11 @@ def prune(
     except VerificationError:  # an input whose shapes never fitted is refused, not reported as our bug
         check_shapes_fit(original if original is not None else load_model(model), _label(model))
         raise
+    distilled = None
+    if distill:
+        pruned, distilled = _distill(original, pruned, distill, data, eval_data, labels, seed, quiet)
     report = PruneReport(before, count(pruned), summary, sum(1 for u in units.values() if len(u)),
-                         result.removed_channels)
+                         result.removed_channels, distill=distilled)
     report.layers = _layers(analysis, units)
     report.notes.extend(calib.notes)
     report.notes.extend(latency_notes)
@@ -266,6 +286,18 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
     quantized, report.models, latency = hand_off(original, pruned, quantize, data, feeds, eval_data, labels, bench)
     report.quantize, report.latency = quantize, latency or report.latency
     return quantized
+
+
+def _distill(original: onnx.ModelProto, pruned: onnx.ModelProto, options: "bool | DistillOptions", data,
+             eval_data, labels: str, seed: int, quiet: bool) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model distilled from the original, and the history for the report. Given
+    `True`, default options with prune's seed, quiet flag and evaluation labels."""
+    from onnxprune.train.distill import DistillOptions, run_distillation
+
+    if not isinstance(options, DistillOptions):
+        options = DistillOptions(seed=seed, quiet=quiet, eval_labels=labels)
+    model, history = run_distillation(pruned, original, data, options, eval_data)
+    return model, history.to_dict()
 
 
 def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, round_to: "int | str", lossless: bool,

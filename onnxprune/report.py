@@ -70,8 +70,21 @@ def _footer(report: PruneReport) -> list[str]:
                      f"max rel diff {v.max_rel_diff:.3g} (atol {v.atol:g}, rtol {v.rtol:g})")
     if report.quantize is not None:
         lines.append(f"quantize: {report.quantize} (onnxruntime.quantization)")
+    if report.distill is not None:
+        lines.append(distill_line(report.distill))
     lines.extend(f"note: {n}" for n in report.notes)
     return lines
+
+
+def distill_line(history: dict) -> str:
+    """One line on the distillation that followed pruning: epochs, why it stopped, the watched
+    figure (accuracy or agreement with the original) before -> after, final loss, time."""
+    metric = history["metric"]
+    before, after = history["before"].get(metric), history["after"].get(metric)
+    change = f"; {metric} on {history['evaluated_on']} {before:.4f} -> {after:.4f}" if before is not None else ""
+    loss = f"; final loss {history['final_loss']:.4g}" if history.get("final_loss") is not None else ""
+    return (f"distill: {len(history['epochs'])} epoch(s) ({history['stopped']}; weights of epoch "
+            f"{history['best_epoch']} kept){change}{loss}; {history['seconds']:.1f} s")
 
 
 def analysis_listing(analysis: Analysis) -> str:

@@ -101,8 +101,8 @@ class DistillHistory:
     metric: str = "agreement"
     """The figure early stopping watches (higher is better)."""
     best_epoch: int = 0
-    stopped: str = "epochs"
-    """'epochs' (all ran), 'early stop' (no better `metric` for `patience` epochs), 'time budget'."""
+    stopped: str = "all epochs"
+    """'all epochs' (all ran), 'early stop' (no better `metric` for `patience` epochs), 'time budget'."""
     seconds: float = 0.0
     samples: int = 0
     """Training samples seen per epoch (the last complete epoch)."""
@@ -217,6 +217,8 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
     stale = 0
     for epoch in range(1, options.epochs + 1):
         t0 = time.monotonic()
+        for group in optimizer.param_groups:  # cosine decay, epoch by epoch: large steps first, fine ones last
+            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
         losses, parts, samples, out_of_time = _epoch(graph, optimizer, plan, teacher_run, data, names, batch, rng,
                                                      options, epoch, deadline, student)
         if not losses:
@@ -324,7 +326,7 @@ class TeacherRunner:
             for name in match:
                 if name not in {o.name for o in model.graph.output}:
                     model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        self.session = session(model, threads=0)
+        self.session = session(model)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -507,4 +509,4 @@ def _engine_error(graph: "TrainableGraph", model: onnx.ModelProto, data: DataSou
     except ImportError:
         return None
     first = next(iter_batches(data, names, batch), None)
-    return None if first is None else float(max_relative_error(model, {n: first[n] for n in names}))
+    return None if first is None else float(max_relative_error(graph, {n: first[n] for n in names}))
