@@ -23,6 +23,22 @@ def _window(node: Node, x) -> tuple[list[int], list[int], list[int], list[int], 
     return kernel, strides, dilations, begin, end
 
 
+def _onnx_sizes(x, kernel, strides, dilations, begin, end, ceil: bool) -> list[int]:
+    """Output sizes per ONNX Runtime: with ceil_mode, a last window starting in the end padding is dropped."""
+    sizes = []
+    for n, k, s, d, b, e in zip(x.shape[2:], kernel, strides, dilations, begin, end):
+        span = n + b + e - ((k - 1) * d + 1)
+        out = (-(-span // s) if ceil else span // s) + 1
+        sizes.append(out - 1 if ceil and (out - 1) * s >= n + b else out)
+    return sizes
+
+
+def _cropped(y, sizes: list[int]):
+    for axis, size in enumerate(sizes, start=2):
+        y = y.narrow(axis, 0, size)
+    return y
+
+
 def _torch_padding_ok(kernel: list[int], begin: list[int], end: list[int]) -> bool:
     return begin == end and all(2 * p <= k for p, k in zip(begin, kernel))
 
@@ -33,10 +49,11 @@ def max_pool(node: Node, x):
         raise node.error("the Indices output has no training rule")
     kernel, strides, dilations, begin, end = _window(node, x)
     ceil = bool(node.attr("ceil_mode", 0))
-    if not _torch_padding_ok(kernel, begin, end):
-        x = F.pad(x, torch_pads(begin, end), value=-math.inf)
-        begin = [0] * len(kernel)
-    return _MAX[len(kernel)](x, kernel, strides, begin, dilations, ceil)
+    if _torch_padding_ok(kernel, begin, end):
+        return _MAX[len(kernel)](x, kernel, strides, begin, dilations, ceil)
+    sizes = _onnx_sizes(x, kernel, strides, dilations, begin, end, ceil)
+    x = F.pad(x, torch_pads(begin, end), value=-math.inf)
+    return _cropped(_MAX[len(kernel)](x, kernel, strides, 0, dilations, ceil), sizes)
 
 
 def _window_sums(x, kernel: list[int], strides: list[int], ceil: bool):
@@ -56,18 +73,20 @@ def average_pool(node: Node, x):
     if _torch_padding_ok(kernel, begin, end) and not ceil:
         return _AVG[len(kernel)](x, kernel, strides, begin, ceil, include)
     pads = torch_pads(begin, end)
+    sizes = _onnx_sizes(x, kernel, strides, dilations, begin, end, ceil)
     sums = _window_sums(F.pad(x, pads), kernel, strides, ceil)
     ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
     counts = _window_sums(F.pad(ones, pads, value=1.0 if include else 0.0), kernel, strides, ceil)
-    return sums / counts
+    return _cropped(sums / counts, sizes)
 
 
 @torch_op("LpPool")
 def lp_pool(node: Node, x):
     kernel, strides, _, begin, end = _window(node, x)
     p = node.attr("p", 2)
-    sums = _window_sums(F.pad(x.abs() ** p, torch_pads(begin, end)), kernel, strides, bool(node.attr("ceil_mode", 0)))
-    return sums ** (1.0 / p)
+    ceil = bool(node.attr("ceil_mode", 0))
+    sums = _window_sums(F.pad(x.abs() ** p, torch_pads(begin, end)), kernel, strides, ceil)
+    return _cropped(sums, _onnx_sizes(x, kernel, strides, [1] * len(kernel), begin, end, ceil)) ** (1.0 / p)
 
 
 def _spatial(x) -> list[int]:

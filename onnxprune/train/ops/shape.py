@@ -124,7 +124,7 @@ def gather(node: Node, x, indices):
     axis = axis_of(node.attr("axis", 0), x.dim())
     indices = torch.where(indices < 0, indices + x.shape[axis], indices).long()
     picked = x.index_select(axis, indices.reshape(-1))
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
 
 
 @torch_op("GatherElements")
@@ -194,9 +194,11 @@ def pad(node: Node, x, pads=None, value=None, axes=None):
         for a in range(x.dim() - 1, -1, -1):
             flat += [begin.get(a, 0), end.get(a, 0)]
         return F.pad(x, flat, value=value)
-    for a in axes:
-        if begin[a] or end[a]:
-            x = x.index_select(a, _pad_indices(mode, x.shape[a], begin[a], end[a]))
+    for a in axes:  # a negative pad crops first, then the mode fills from what is left
+        if begin[a] < 0 or end[a] < 0:
+            x = x.narrow(a, max(-begin[a], 0), x.shape[a] - max(-begin[a], 0) - max(-end[a], 0))
+        if begin[a] > 0 or end[a] > 0:
+            x = x.index_select(a, _pad_indices(mode, x.shape[a], max(begin[a], 0), max(end[a], 0)))
     return x
 
 
