@@ -15,7 +15,7 @@ from onnxprune.calibration import Calibration
 from onnxprune.data import is_one_shot, spool
 from onnxprune.errors import InputError, VerificationError
 from onnxprune.heads import freeze_hidden, with_head_ratio
-from onnxprune.importance import Criterion, score_groups
+from onnxprune.importance import GRADIENT_CRITERIA, Criterion, score_groups
 from onnxprune.ir import ModelMeta, check_model, from_graph, load_model, opset_version, save_model
 from onnxprune.metrics import ModelStats, count
 from onnxprune.passes.dead_channels import find_dead_channels
@@ -85,6 +85,8 @@ class PruneReport:
     """Per channel group: key, producers, channels, removed, frozen reasons (charts, dashboards)."""
     distill: dict | None = None
     """The distillation that followed pruning (`prune(..., distill=...)`): `DistillHistory.to_dict()`."""
+    rounds: list[dict] = field(default_factory=list)
+    """Per round of an iterative schedule (`steps` > 1): `onnxprune.train.schedule.Round.to_dict()`."""
 
     def to_dict(self) -> dict:
         out = {
@@ -110,6 +112,8 @@ class PruneReport:
         out["layers"] = self.layers
         if self.distill is not None:
             out["distill"] = self.distill
+        if self.rounds:
+            out["rounds"] = self.rounds
         return out
 
 
@@ -163,6 +167,7 @@ def prune(
     prune_hidden: bool = False,
     gqa: Literal["kv", "query"] = "kv",
     distill: "bool | DistillOptions" = False,
+    steps: int = 1,
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
@@ -174,7 +179,9 @@ def prune(
     original, pruned and quantized side by side (`report.models`).
 
     Data-driven pruning: `data` (any form `onnxprune.data` reads) or saved `stats` feed the
-    activation/apoz/wanda criteria, `plan="auto"` and recovery; `gradients` feed taylor.
+    activation/apoz/wanda criteria, `plan="auto"` and recovery; `gradients` feed taylor. Without
+    `gradients`, criterion 'taylor' or 'fisher' with `data` computes them on a loss over `data`
+    (the `labels` array when present; needs the `train` extra; `onnxprune.train.gradients`).
     `target_macs` / `target_params` (fractions to keep) replace `ratio` with a global ranking, no
     group losing more than `max_ratio`. `recover` (default: bias when data or stats are given)
     compensates removed channels in the next layer's bias or re-fits it by least squares.
@@ -188,6 +195,8 @@ def prune(
     `distill` (True, or `onnxprune.train.DistillOptions`) distils the pruned model from the
     original on `data` right after pruning (needs the `train` extra); `eval_data` and `labels` then
     also drive early stopping, and every figure of the report is the distilled model's.
+    `steps` N > 1 removes the ratio or target in N rounds, re-scoring (and distilling from the
+    original) between them; `report.rounds` holds each round's figures (`onnxprune.train.schedule`).
 
     A `data` source that can be read only once (a generator, a `get_next()` reader) is copied once,
     batch by batch, into a temporary .npz directory that every step re-reads.
@@ -196,6 +205,11 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "data")}
         with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
             return prune(model, data=spool(data, tmp), **options)
+    if steps != 1:
+        options = {k: v for k, v in locals().items() if k != "model"}
+        from onnxprune.train.schedule import run_steps
+
+        return run_steps(model, **options)
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
@@ -213,6 +227,12 @@ def prune(
     summary = analysis.summary()
     calib = Calibration.prepare(original, analysis, data=data, stats=stats, gradients=gradients, criterion=criterion,
                                 recover="none" if lossless else recover, auto_plan=plan == "auto", quiet=quiet)
+    if not lossless and criterion in GRADIENT_CRITERIA:
+        from onnxprune.train.gradients import gradient_criterion
+
+        criterion, notes = gradient_criterion(original, analysis, criterion, data, gradients=calib.gradients,
+                                              labels=labels, seed=seed, quiet=quiet)
+        calib.notes.extend(notes)
     latency_notes: list[str] = []
     if not lossless and plan is None and (round_to == "auto" or target_latency is not None):
         units, values, chosen = _choose_for_latency(original, analysis, calib, ratio, criterion, scope, seed,

@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
     r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, fpgm, activation, apoz, wanda, "
-                   "taylor, or module:function")
+                   "taylor, fisher, or module:function (taylor and fisher with --data and no --gradients: "
+                   "gradients computed here, needs the train extra)")
+    r.add_argument("--steps", type=int, default=1, metavar="N",
+                   help="reach the ratio or target in N rounds, re-scoring (and with --distill distilling from "
+                   "the original) between them (default 1)")
     r.add_argument("--scope", choices=["local", "global"], default="local")
     r.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
                    help="keep a multiple of N channels; auto: the count just below a measured latency step")
