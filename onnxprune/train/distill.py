@@ -269,6 +269,8 @@ def _epoch(graph: "TrainableGraph", optimizer, plan: LossPlan, teacher_run: "Tea
         if options.augment:
             feeds = augment_batch(feeds, names, rng)
         labels = feeds.get(options.labels) if options.labels else None
+        if options.labels and labels is None and options.label_weight > 0:
+            raise InputError(f"no labels array {options.labels!r} in the data (see --labels)")
         inputs = {n: feeds[n] for n in names}
         check_feeds(student, inputs)
         targets = teacher_run(inputs)
