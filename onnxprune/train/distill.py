@@ -86,7 +86,7 @@ class EpochRecord:
     parts: dict[str, float]
     eval: dict[str, float]
     """accuracy (given labels), agreement (top-1 with the teacher) or cosine, and loss on the
-    evaluation data."""
+    evaluation data; empty without evaluation data."""
     seconds: float
 
 
@@ -226,7 +226,8 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
                 history.stopped = "time budget"
                 break
             raise InputError("data: no complete training batch (fewer samples than --batch?)")
-        figures = evaluation.run(graph, teacher_run)
+        # held-out figures every epoch (early stopping); training data is measured before and after only
+        figures = evaluation.run(graph, teacher_run) if eval_data is not None else {}
         history.epochs.append(EpochRecord(epoch, float(np.mean(losses)),
                                           {k: float(np.mean(v)) for k, v in parts.items()}, figures,
                                           time.monotonic() - t0))
@@ -244,7 +245,8 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
             history.stopped = "early stop"
             break
     _restore(graph, best[1])
-    history.after = evaluation.run(graph, teacher_run) if history.best_epoch else dict(history.before)
+    history.after = (evaluation.run(graph, teacher_run) if eval_data is None else
+                     history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
     history.seconds = time.monotonic() - start
     model = graph.to_onnx()
     history.torch_vs_ort_max_rel = _engine_error(graph, model, data, names, batch)

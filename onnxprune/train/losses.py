@@ -28,6 +28,7 @@ LOGIT_PRODUCERS = {"Gemm", "MatMul", "Add", "Softmax", "LogSoftmax"}
 bias Add) or a softmax. A pooled embedding ends in Tanh, ReduceMean, Div (normalisation), ..."""
 EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "state")
 PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ def looks_like_logits(model: onnx.ModelProto, output: str) -> bool:
     if info is None or not info.type.HasField("tensor_type"):
         return False
     tensor = info.type.tensor_type
-    if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                onnx.TensorProto.BFLOAT16):
+    if tensor.elem_type not in FLOAT_TYPES:
         return False
     if not tensor.HasField("shape") or len(tensor.shape.dim) != 2:
         return False
@@ -92,12 +92,15 @@ def _producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
 def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto", temperature: float = 2.0,
                 match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0
                 ) -> LossPlan:
-    """Choose each output's loss. `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
+    """Choose each float output's loss (integer outputs, e.g. an arg-max, carry no gradient and are
+    left out). `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
     one kind for every output, or `{output: kind}` (outputs not named get 'auto'). With `labels`,
     cross-entropy applies to the first output that looks like logits (refused when none does)."""
     if temperature <= 0 or not np.isfinite(temperature):
         raise InputError(f"temperature must be a positive number, got {temperature:g}")
-    names = [o.name for o in model.graph.output]
+    names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+    if not names:
+        raise InputError("the model has no float output to distil")
     chosen = _chosen_kinds(loss, names)
     outputs = []
     for name in names:
