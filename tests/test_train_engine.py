@@ -341,6 +341,16 @@ def test_gather_forms_embedding_grad():
     check(one_op("GatherElements", [[3, 4]], consts=(np.array([[0, 3], [1, -1], [2, 2]], np.int64),), axis=1))
 
 
+@pytest.mark.parametrize("batch_dims,indices", [
+    (0, [[[1, 2], [0, -1]], [[2, 0], [1, 1]]]), (1, [[[1], [3]], [[0], [-1]], [[2], [2]]]),
+])
+def test_gather_nd(batch_dims, indices):
+    b = GraphBuilder(opset=13)
+    ids = b.input(list(np.shape(indices)), "ids", TensorProto.INT64)
+    b.output(b.op("GatherND", [b.weight([3, 4, 5], "table"), ids], batch_dims=batch_dims))
+    check(b.model(), {"ids": np.array(indices, np.int64)})
+
+
 def test_transpose_concat_expand_tile():
     b = GraphBuilder()
     x = b.input([2, 1, 3], "x")

@@ -34,13 +34,16 @@ def payload_form(init: TensorProto) -> tuple[str, ...]:
     return tuple(f for f in _PAYLOADS if (init.HasField(f) if f == "raw_data" else len(getattr(init, f)) > 0))
 
 
-def sgd_steps(g: TrainableGraph, feeds: dict, steps: int = 3, lr: float = 0.05) -> None:
-    opt = torch.optim.SGD(list(g.parameters()), lr=lr)
+def sgd_steps(g: TrainableGraph, feeds: dict, steps: int = 3, lr: float = 0.05, adam: bool = False) -> None:
+    """A few optimizer steps on the (scale-free) mean square of the float outputs."""
+    opt = (torch.optim.Adam if adam else torch.optim.SGD)(list(g.parameters()), lr=lr)
     tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
     for _ in range(steps):
         opt.zero_grad()
         out = g(tensors)
-        loss = sum((v.float() ** 2).mean() for v in out.values() if v.is_floating_point())
+        # scale-free: random-init exports can have outputs near 1e-10 (mobilenet_v3)
+        loss = sum((v.float() ** 2).mean() / (v.detach().float() ** 2).mean().clamp_min(1e-30)
+                   for v in out.values() if v.is_floating_point())
         loss.backward()
         opt.step()
 

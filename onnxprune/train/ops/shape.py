@@ -209,3 +209,21 @@ def one_hot(node: Node, indices, depth, values):
     hot = F.one_hot(indices.clamp(0, depth - 1), depth).bool() & ((indices >= 0) & (indices < depth)).unsqueeze(-1)
     y = torch.where(hot, values[1], values[0])
     return y.movedim(-1, axis_of(node.attr("axis", -1), y.dim()))
+
+
+@torch_op("GatherND")
+def gather_nd(node: Node, x, indices):
+    """Index tuples over the axes after `batch_dims` (dynamo exports pick the last token with it)."""
+    batch_dims = node.attr("batch_dims", 0)
+    depth = indices.shape[-1]
+    batch = math.prod(x.shape[:batch_dims])
+    indexed = x.shape[batch_dims:batch_dims + depth]
+    rest = x.shape[batch_dims + depth:]
+    tuples = indices.reshape(batch, -1, depth).long()
+    tuples = torch.where(tuples < 0, tuples + torch.tensor(indexed), tuples)
+    flat = torch.zeros(tuples.shape[:2], dtype=torch.int64)
+    for j, size in enumerate(indexed):
+        flat = flat * size + tuples[..., j]
+    table = x.reshape(batch, math.prod(indexed), *rest)
+    picked = table[torch.arange(batch).unsqueeze(1), flat]
+    return picked.reshape((*indices.shape[:-1], *rest))
