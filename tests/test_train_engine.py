@@ -551,6 +551,55 @@ def test_scan_reverse_and_if():
         check(model, {"x": f32(3, 4), "s0": f32(3), "c": np.array(cond)})
 
 
+# ------------------------------------------------------------------------------------------ opset-23 attention
+
+
+@pytest.mark.parametrize("attrs,mask", [
+    ({}, None), ({"is_causal": 1}, "bool"), ({"scale": 0.3, "softcap": 2.0}, "float"),
+])
+def test_attention_gqa_4d(attrs, mask):
+    b = GraphBuilder(opset=23)
+    q, k, v = b.input([2, 4, 5, 8], "q"), b.input([2, 2, 5, 8], "k"), b.input([2, 2, 5, 6], "v")
+    feeds = {"q": f32(2, 4, 5, 8, scale=1.0), "k": f32(2, 2, 5, 8, scale=1.0), "v": f32(2, 2, 5, 6)}
+    inputs = [q, k, v]
+    if mask == "bool":
+        inputs.append(b.input([2, 1, 5, 5], "m", TensorProto.BOOL))
+        feeds["m"] = RNG.random((2, 1, 5, 5)) > 0.3
+        feeds["m"][..., 0] = True
+    elif mask == "float":
+        inputs.append(b.input([5, 5], "m"))
+        feeds["m"] = f32(5, 5)
+    b.output(b.op("Attention", inputs, **attrs), shape=[2, 4, 5, 6])
+    check(b.model(), feeds)
+
+
+def test_attention_3d_with_past():
+    b = GraphBuilder(opset=23)
+    names = [b.input([2, 3, 16], "q"), b.input([2, 3, 8], "k"), b.input([2, 3, 8], "v"), "",
+             b.input([2, 2, 4, 4], "pk"), b.input([2, 2, 4, 4], "pv")]
+    y, pk, pv = b.op("Attention", names, n_out=3, q_num_heads=4, kv_num_heads=2)
+    b.output(y, shape=[2, 3, 16])
+    b.output(pk, shape=[2, 2, 7, 4])
+    b.output(pv, shape=[2, 2, 7, 4])
+    check(b.model(), {"q": f32(2, 3, 16), "k": f32(2, 3, 8), "v": f32(2, 3, 8), "pk": f32(2, 2, 4, 4),
+                      "pv": f32(2, 2, 4, 4)})
+
+
+@pytest.mark.parametrize("interleaved,rot,three_d", [(0, 0, False), (1, 4, False), (0, 4, True), (1, 0, True)])
+def test_rotary_embedding(interleaved, rot, three_d):
+    b = GraphBuilder(opset=23)
+    shape = [2, 5, 24] if three_d else [2, 3, 5, 8]
+    x = b.input(shape, "x")
+    half = (rot or 8) // 2
+    angles = np.arange(10)[:, None] * (0.5 ** np.arange(half))[None]
+    cos, sin = b.const(np.cos(angles).astype(np.float32)), b.const(np.sin(angles).astype(np.float32))
+    ids = b.input([2, 5], "ids", TensorProto.INT64)
+    attrs = {"num_heads": 3} if three_d else {}
+    b.output(b.op("RotaryEmbedding", [x, cos, sin, ids], interleaved=interleaved, rotary_embedding_dim=rot, **attrs),
+             shape=shape)
+    check(b.model(), {"x": f32(*shape), "ids": RNG.integers(0, 10, (2, 5)).astype(np.int64)})
+
+
 # ------------------------------------------------------------------------------------------ QDQ, errors
 
 

@@ -89,5 +89,5 @@ def axis_of(axis: int, rank: int) -> int:
 
 
 from onnxprune.train.ops import (  # noqa: E402,F401  (registration)
-    conv, elementwise, linear, norm, pool, recurrent, reduce, resize, shape, control, quant,
+    attention, conv, elementwise, linear, norm, pool, recurrent, reduce, resize, shape, control, quant,
 )
