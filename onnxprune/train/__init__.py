@@ -14,6 +14,10 @@ from onnxprune.errors import InputError
 _LAZY = {
     "TrainableGraph": "onnxprune.train.graph",
     "max_relative_error": "onnxprune.train.graph",
+    "distill": "onnxprune.train.distill",
+    "DistillOptions": "onnxprune.train.distill",
+    "DistillResult": "onnxprune.train.distill",
+    "run_distillation": "onnxprune.train.distill",
 }
 __all__ = list(_LAZY)
 
