@@ -351,6 +351,13 @@ def test_gather_nd(batch_dims, indices):
     check(b.model(), {"ids": np.array(indices, np.int64)})
 
 
+@pytest.mark.parametrize("time_axis", [0, 1])
+def test_reverse_sequence(time_axis):
+    shape = [4, 3, 2] if time_axis == 0 else [3, 4, 2]
+    check(one_op("ReverseSequence", [shape], consts=(np.array([4, 1, 2], np.int64),), time_axis=time_axis,
+                 batch_axis=1 - time_axis))
+
+
 def test_transpose_concat_expand_tile():
     b = GraphBuilder()
     x = b.input([2, 1, 3], "x")

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
@@ -180,77 +180,43 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
                      eval_data: DataSource | None = None) -> tuple[onnx.ModelProto, DistillHistory]:
     """The training loop: returns a trained copy of `student` and the history. `data` must be
     re-readable (paths, dicts, lists); neither model is modified."""
-    torch = require_torch()
-    from onnxprune.train.graph import TrainableGraph
-
+    require_torch()
     options.check()
     check_pair(student, teacher)
     check_match(student, teacher, options.match)
-    names = model_inputs(student)
-    batch = _batch_size(student, options.batch)
-    plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
-                       options.label_weight)
-    graph = TrainableGraph(student)
-    trainable = [n for n, role in graph.roles.items()
-                 if role == "param" or (role == "bn_param" and not options.freeze_bn)]
-    graph.set_trainable(trainable)
-    params = [graph.parameters_by_name[n] for n in trainable]
-    if not params:
-        raise InputError("student has no trainable float initializers")
-    optimizer = torch.optim.Adam(params, lr=options.lr)
-    teacher_run = TeacherRunner(teacher, options.match)
-    history = DistillHistory(losses={t.name: t.kind + ("" if t.kind != "kl" else f" (T={plan.temperature:g})")
-                                     for t in plan.outputs})
-    for name in plan.match:
-        history.losses[name] = "mse (matched tensor)"
-    if plan.label_output is not None:
-        history.losses[plan.label_output] += f" + cross-entropy on {options.labels!r}"
-    evaluation = Evaluation(student, plan, batch, eval_data if eval_data is not None else data,
+    trainer = _Trainer(student, teacher, data, options)
+    history = trainer.history
+    evaluation = Evaluation(student, trainer.plan, trainer.batch, eval_data if eval_data is not None else data,
                             options.eval_labels or options.labels)
     history.evaluated_on = "eval data" if eval_data is not None else "training data"
-    history.before = evaluation.run(graph, teacher_run)
+    history.before = evaluation.run(trainer.graph, trainer.teacher)
     history.metric = evaluation.metric(history.before)
-    best = (_score(history.before, history.metric), _snapshot(graph, params, trainable))
+    best, best_state, stale = _score(history.before, history.metric), trainer.snapshot(), 0
     start = time.monotonic()
     deadline = start + options.max_minutes * 60 if options.max_minutes else None
-    rng = np.random.default_rng(options.seed)
-    stale = 0
     for epoch in range(1, options.epochs + 1):
-        t0 = time.monotonic()
-        for group in optimizer.param_groups:  # cosine decay, epoch by epoch: large steps first, fine ones last
-            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
-        losses, parts, samples, out_of_time = _epoch(graph, optimizer, plan, teacher_run, data, names, batch, rng,
-                                                     options, epoch, deadline, student)
-        if not losses:
-            if out_of_time:
-                history.stopped = "time budget"
-                break
-            raise InputError("data: no complete training batch (fewer samples than --batch?)")
-        # held-out figures every epoch (early stopping); training data is measured before and after only
-        figures = evaluation.run(graph, teacher_run) if eval_data is not None else {}
-        history.epochs.append(EpochRecord(epoch, float(np.mean(losses)),
-                                          {k: float(np.mean(v)) for k, v in parts.items()}, figures,
-                                          time.monotonic() - t0))
-        history.samples = samples
-        score = _score(figures, history.metric)
-        if eval_data is None or score > best[0]:  # without held-out data the last epoch is kept
-            best, stale = (score, _snapshot(graph, params, trainable)), 0
-            history.best_epoch = epoch
-        else:
-            stale += 1
+        record, out_of_time = trainer.epoch(epoch, deadline)
+        if record is not None:
+            # held-out figures every epoch (early stopping); training data is measured before and after only
+            record.eval = evaluation.run(trainer.graph, trainer.teacher) if eval_data is not None else {}
+            history.epochs.append(record)
+            score = _score(record.eval, history.metric)
+            if eval_data is None or score > best:  # without held-out data the last epoch is kept
+                best, best_state, stale, history.best_epoch = score, trainer.snapshot(), 0, epoch
+            else:
+                stale += 1
         if out_of_time:
             history.stopped = "time budget"
             break
         if eval_data is not None and stale >= options.patience:
             history.stopped = "early stop"
             break
-    _restore(graph, best[1])
-    history.after = (evaluation.run(graph, teacher_run) if eval_data is None else
+    trainer.restore(best_state)
+    history.after = (evaluation.run(trainer.graph, trainer.teacher) if eval_data is None else
                      history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
     history.seconds = time.monotonic() - start
-    model = graph.to_onnx()
-    history.torch_vs_ort_max_rel = _engine_error(graph, model, data, names, batch)
-    return model, history
+    history.torch_vs_ort_max_rel = trainer.engine_error()
+    return trainer.graph.to_onnx(), history
 
 
 def _score(figures: dict[str, float], metric: str) -> tuple[float, float]:
@@ -259,42 +225,109 @@ def _score(figures: dict[str, float], metric: str) -> tuple[float, float]:
     return figures.get(metric, -math.inf), -figures.get("loss", math.inf)
 
 
-def _epoch(graph: "TrainableGraph", optimizer, plan: LossPlan, teacher_run: "TeacherRunner", data: DataSource,
-           names: list[str], batch: int, rng: np.random.Generator, options: DistillOptions, epoch: int,
-           deadline: float | None, student: onnx.ModelProto
-           ) -> tuple[list[float], dict[str, list[float]], int, bool]:
-    """One pass over the data: (losses per step, loss parts per step, samples, ran out of time)."""
-    from onnxprune.progress import progress
+class _Trainer:
+    """The student being trained, its optimizer, the teacher and the data of one run."""
 
-    losses: list[float] = []
-    parts: dict[str, list[float]] = {}
-    samples = 0
-    extra = (options.labels,) if options.labels else ()
-    fixed = batch_size_for(student, default=0) != 0  # ONNX Runtime would refuse a short last batch
-    batches = shuffled_batches(data, names, batch, rng, extra, drop_partial=fixed)
-    bar = progress(batches, f"distill epoch {epoch}/{options.epochs}", options.quiet, unit="batch")
-    for feeds in bar:
-        if options.augment:
-            feeds = augment_batch(feeds, names, rng)
-        labels = feeds.get(options.labels) if options.labels else None
-        if options.labels and labels is None and options.label_weight > 0:
-            raise InputError(f"no labels array {options.labels!r} in the data (see --labels)")
-        inputs = {n: feeds[n] for n in names}
-        check_feeds(student, inputs)
-        targets = teacher_run(inputs)
-        loss, step_parts = train_step(graph, optimizer, plan, inputs, targets, labels)
-        if not math.isfinite(loss):
-            raise InputError(f"distillation loss became {loss} at epoch {epoch}, step {len(losses) + 1} "
-                             f"({', '.join(f'{k}={v:.3g}' for k, v in step_parts.items())}); try a lower --lr")
-        losses.append(loss)
-        samples += len(next(iter(inputs.values())))
-        for k, v in step_parts.items():
-            parts.setdefault(k, []).append(v)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.4g}")
-        if deadline is not None and time.monotonic() > deadline:
-            return losses, parts, samples, True
-    return losses, parts, samples, False
+    def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, data: DataSource,
+                 options: DistillOptions) -> None:
+        import torch
+
+        from onnxprune.train.graph import TrainableGraph
+
+        self.student, self.data, self.options = student, data, options
+        self.names = model_inputs(student)
+        self.batch = _batch_size(student, options.batch)
+        self.fixed_batch = batch_size_for(student, default=0) != 0  # ORT would refuse a short last batch
+        self.plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
+                                options.label_weight)
+        self.graph = TrainableGraph(student)
+        self.trainable = [n for n, role in self.graph.roles.items()
+                          if role == "param" or (role == "bn_param" and not options.freeze_bn)]
+        if not self.trainable:
+            raise InputError("student has no trainable float initializers")
+        self.graph.set_trainable(self.trainable)
+        self.optimizer = torch.optim.Adam([self.graph.parameters_by_name[n] for n in self.trainable], lr=options.lr)
+        self.teacher = TeacherRunner(teacher, options.match)
+        self.rng = np.random.default_rng(options.seed)
+        self.history = DistillHistory(losses=_loss_names(self.plan, options.labels))
+
+    def epoch(self, epoch: int, deadline: float | None) -> "tuple[EpochRecord | None, bool]":
+        """One pass over the data at this epoch's learning rate (cosine decay: large steps first,
+        fine ones last): its record (None if no step ran) and whether the time budget ran out."""
+        options, t0 = self.options, time.monotonic()
+        for group in self.optimizer.param_groups:
+            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
+        losses: list[float] = []
+        parts: dict[str, list[float]] = {}
+        samples = 0
+        for inputs, labels in self._batches(epoch):
+            loss, step_parts = train_step(self.graph, self.optimizer, self.plan, inputs, self.teacher(inputs), labels)
+            if not math.isfinite(loss):
+                raise InputError(f"distillation loss became {loss} at epoch {epoch}, step {len(losses) + 1} "
+                                 f"({', '.join(f'{k}={v:.3g}' for k, v in step_parts.items())}); try a lower --lr")
+            losses.append(loss)
+            samples += len(next(iter(inputs.values())))
+            for k, v in step_parts.items():
+                parts.setdefault(k, []).append(v)
+            if hasattr(self._bar, "set_postfix"):
+                self._bar.set_postfix(loss=f"{loss:.4g}")
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if not losses:
+            if out_of_time:
+                return None, True
+            raise InputError("data: no complete training batch (fewer samples than --batch?)")
+        self.history.samples = samples
+        record = EpochRecord(epoch, float(np.mean(losses)), {k: float(np.mean(v)) for k, v in parts.items()}, {},
+                             time.monotonic() - t0)
+        return record, out_of_time
+
+    def _batches(self, epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """(inputs, labels or None) per step: shuffled, augmented if asked, checked against the model."""
+        from onnxprune.progress import progress
+
+        options = self.options
+        extra = (options.labels,) if options.labels else ()
+        batches = shuffled_batches(self.data, self.names, self.batch, self.rng, extra, drop_partial=self.fixed_batch)
+        self._bar = progress(batches, f"distill epoch {epoch}/{options.epochs}", options.quiet, unit="batch")
+        for feeds in self._bar:
+            if options.augment:
+                feeds = augment_batch(feeds, self.names, self.rng)
+            labels = feeds.get(options.labels) if options.labels else None
+            if options.labels and labels is None and options.label_weight > 0:
+                raise InputError(f"no labels array {options.labels!r} in the data (see --labels)")
+            inputs = {n: feeds[n] for n in self.names}
+            check_feeds(self.student, inputs)
+            yield inputs, labels
+
+    def snapshot(self) -> dict:
+        return {n: self.graph.parameters_by_name[n].detach().clone() for n in self.trainable}
+
+    def restore(self, state: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, value in state.items():
+                self.graph.parameters_by_name[name].copy_(value)
+
+    def engine_error(self) -> float | None:
+        """Largest relative difference between torch and ONNX Runtime outputs of the trained model
+        on the first batch (the engine promises <= 1e-4)."""
+        from onnxprune.train.graph import max_relative_error
+
+        first = next(iter_batches(self.data, self.names, self.batch), None)
+        return None if first is None else float(max_relative_error(self.graph, {n: first[n] for n in self.names}))
+
+
+def _loss_names(plan: LossPlan, labels: str | None) -> dict[str, str]:
+    """How the history names each loss term: `{"logits": "kl (T=2) + cross-entropy on 'label'"}`."""
+    names = {t.name: t.kind + (f" (T={plan.temperature:g})" if t.kind == "kl" else "") for t in plan.outputs}
+    for name in plan.match:
+        names[name] = "mse (matched tensor)"
+    if plan.label_output is not None:
+        names[plan.label_output] += f" + cross-entropy on {labels!r}"
+    return names
 
 
 def train_step(graph: "TrainableGraph", optimizer, plan: LossPlan, inputs: Mapping[str, np.ndarray],
@@ -496,27 +529,3 @@ def _batch_size(model: onnx.ModelProto, requested: int | None) -> int:
     if requested is not None and fixed and requested != fixed:
         raise InputError(f"batch {requested}: the model's inputs fix the batch size to {fixed}")
     return requested or fixed or DEFAULT_BATCH
-
-
-def _snapshot(graph: "TrainableGraph", params, names: list[str]) -> dict:
-    return {n: graph.parameters_by_name[n].detach().clone() for n in names}
-
-
-def _restore(graph: "TrainableGraph", state: dict) -> None:
-    import torch
-
-    with torch.no_grad():
-        for name, value in state.items():
-            graph.parameters_by_name[name].copy_(value)
-
-
-def _engine_error(graph: "TrainableGraph", model: onnx.ModelProto, data: DataSource, names: list[str],
-                  batch: int) -> float | None:
-    """Largest relative difference between torch and ONNX Runtime outputs of the trained model on
-    the first batch (the engine promises <= 1e-4)."""
-    try:
-        from onnxprune.train import max_relative_error
-    except ImportError:
-        return None
-    first = next(iter_batches(data, names, batch), None)
-    return None if first is None else float(max_relative_error(graph, {n: first[n] for n in names}))

@@ -227,3 +227,16 @@ def gather_nd(node: Node, x, indices):
     table = x.reshape(batch, math.prod(indexed), *rest)
     picked = table[torch.arange(batch).unsqueeze(1), flat]
     return picked.reshape((*indices.shape[:-1], *rest))
+
+
+@torch_op("ReverseSequence")
+def reverse_sequence(node: Node, x, lengths):
+    """Reverse the first lengths[b] steps of every batch entry (Keras go_backwards)."""
+    time, batch = node.attr("time_axis", 0), node.attr("batch_axis", 1)
+    steps = torch.arange(x.shape[time]).unsqueeze(1)  # [T, 1]
+    lengths = lengths.long().unsqueeze(0)  # [1, B]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # [T, B]
+    if time > batch:
+        index = index.t()
+    index = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(x.shape)
+    return torch.gather(x, time, index)
