@@ -59,6 +59,11 @@ def add_commands(sub) -> None:
     d.add_argument("--save-external-data", nargs="?", const=True, default=False, metavar="NAME",
                    help="store weights in a separate data file")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="data-parallel on Ray Train: a local Ray without ADDRESS, or a cluster "
+                        "(ray://head:10001, auto); needs the ray extra (docs/scale.md)")
+    d.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="with --ray: training workers (--batch is the global batch, split evenly)")
 
 
 def add_prune_options(parser: argparse.ArgumentParser) -> None:
@@ -98,9 +103,16 @@ def cmd_distill(args) -> int:
         if out and any(_same_file(src, out) for src in reads):
             raise InputError(f"{out}: {flag} would overwrite an input file")
     options = distill_options(args)
-    from dataclasses import asdict
+    if args.ray:
+        from onnxprune.ray.distill import distill as distill_on_ray
 
-    result = distill(args.student, args.teacher, args.data, eval_data=args.eval_data, **asdict(options))
+        result = distill_on_ray(args.student, args.teacher, args.data, workers=args.workers,
+                                address=None if args.ray == "local" else args.ray,
+                                eval_data=args.eval_data, options=options, quiet=args.quiet)
+    else:
+        from dataclasses import asdict
+
+        result = distill(args.student, args.teacher, args.data, eval_data=args.eval_data, **asdict(options))
     print(history_table(result.history))
     result.save(args.output, external_data=args.save_external_data)
     if args.report:

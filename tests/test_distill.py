@@ -128,3 +128,20 @@ def test_nan_loss_is_an_input_error(pair):
     x[5, 0, 0, 0] = np.nan
     with pytest.raises(InputError, match="loss became nan"):
         run_distillation(student, teacher, {INPUT: x}, DistillOptions(quiet=True, batch=8))
+
+
+def test_shuffled_batches_mix_rows_only_of_equal_shape_and_keep_every_row():
+    from onnxprune.train.distill import shuffled_batches
+
+    chunks = [{"ids": np.full((n, length), i, dtype=np.int64), "row": np.arange(n) + 100 * i}
+              for i, (n, length) in enumerate([(5, 7), (6, 4), (5, 7), (3, 4)])]
+    first = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",)))
+    again = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",)))
+    rows = sorted(int(r) for b in first for r in b["row"])
+    assert rows == sorted(int(r) for c in chunks for r in c["row"])  # every row exactly once
+    lengths = {i: c["ids"].shape[1] for i, c in enumerate(chunks)}
+    assert all(lengths[int(i)] == b["ids"].shape[1] and len(b["ids"]) <= 4 for b in first for i in b["ids"][:, 0])
+    assert [b["row"].tolist() for b in first] == [b["row"].tolist() for b in again]
+    assert [b["row"].tolist() for b in first] != [c["row"][:4].tolist() for c in chunks]  # shuffled
+    kept = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",), drop_partial=True))
+    assert all(len(b["ids"]) == 4 for b in kept) and sum(len(b["ids"]) for b in kept) == 16

@@ -302,14 +302,10 @@ class _Trainer:
             yield inputs, labels
 
     def snapshot(self) -> dict:
-        return {n: self.graph.parameters_by_name[n].detach().clone() for n in self.trainable}
+        return snapshot(self.graph, self.trainable)
 
     def restore(self, state: dict) -> None:
-        import torch
-
-        with torch.no_grad():
-            for name, value in state.items():
-                self.graph.parameters_by_name[name].copy_(value)
+        restore(self.graph, state)
 
     def engine_error(self) -> float | None:
         """Largest relative difference between torch and ONNX Runtime outputs of the trained model
@@ -318,6 +314,20 @@ class _Trainer:
 
         first = next(iter_batches(self.data, self.names, self.batch), None)
         return None if first is None else float(max_relative_error(self.graph, {n: first[n] for n in self.names}))
+
+
+def snapshot(graph: "TrainableGraph", names: list[str]) -> "dict[str, torch.Tensor]":
+    """Copies of the named parameters' current values (the best epoch's weights)."""
+    return {n: graph.parameters_by_name[n].detach().clone() for n in names}
+
+
+def restore(graph: "TrainableGraph", state: "dict[str, torch.Tensor]") -> None:
+    """Put values taken by `snapshot` back."""
+    import torch
+
+    with torch.no_grad():
+        for name, value in state.items():
+            graph.parameters_by_name[name].copy_(value)
 
 
 def _loss_names(plan: LossPlan, labels: str | None) -> dict[str, str]:
@@ -434,29 +444,49 @@ class Evaluation:
 
 def shuffled_batches(data: DataSource, names: list[str], batch: int, rng: np.random.Generator,
                      extra: tuple[str, ...] = (), drop_partial: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of exactly `batch` rows, mixed within blocks of `SHUFFLE_ROWS` samples: the order
-    changes every epoch (drawn from `rng`) while memory stays bounded by the block."""
-    pool: dict[str, list[np.ndarray]] = {}
+    """Batches of `batch` rows, mixed within blocks of `SHUFFLE_ROWS` samples: the order changes
+    every epoch (drawn from `rng`) while memory stays bounded by the block. Rows are only mixed with
+    rows of the same shapes (token batches padded to different lengths stay apart)."""
+    pools: dict[tuple, _Pool] = {}
     held = 0
     for chunk in iter_batches(data, names, batch, extra=extra):
         rows = _row_count(chunk)
-        for k, v in chunk.items():
-            pool.setdefault(k, []).append(v)
+        key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in chunk.items()))
+        pools.setdefault(key, _Pool()).add(chunk, rows)
         held += rows
         if held >= SHUFFLE_ROWS:
-            block = {k: np.concatenate(v) for k, v in pool.items()}
-            order = rng.permutation(held)
-            full = held // batch * batch
-            for start in range(0, full, batch):
-                yield {k: v[order[start:start + batch]] for k, v in block.items()}
-            pool = {k: [v[order[full:]]] for k, v in block.items()}
-            held -= full
-    if held:
-        block = {k: np.concatenate(v) for k, v in pool.items()}
-        order = rng.permutation(held)
-        end = held // batch * batch if drop_partial else held
+            for pool in pools.values():
+                yield from pool.drain(batch, rng, keep_partial=True)
+            held = sum(pool.rows for pool in pools.values())
+    for pool in pools.values():
+        yield from pool.drain(batch, rng, keep_partial=False, drop_partial=drop_partial)
+
+
+class _Pool:
+    """Rows of one shape waiting to be shuffled into batches."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, np.ndarray]] = []
+        self.rows = 0
+
+    def add(self, chunk: dict[str, np.ndarray], rows: int) -> None:
+        self.chunks.append(chunk)
+        self.rows += rows
+
+    def drain(self, batch: int, rng: np.random.Generator, keep_partial: bool, drop_partial: bool = False
+              ) -> Iterator[dict[str, np.ndarray]]:
+        """Shuffled full batches; the last partial one is kept for later, yielded or dropped."""
+        if not self.rows:
+            return
+        block = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}
+        order = rng.permutation(self.rows)
+        full = self.rows // batch * batch
+        end = full if keep_partial or drop_partial else self.rows
         for start in range(0, end, batch):
             yield {k: v[order[start:start + batch]] for k, v in block.items()}
+        rest = order[full:] if keep_partial else order[:0]
+        self.chunks = [{k: v[rest] for k, v in block.items()}] if len(rest) else []
+        self.rows = len(rest)
 
 
 def _row_count(chunk: dict[str, np.ndarray]) -> int:
