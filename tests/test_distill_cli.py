@@ -13,6 +13,7 @@ import pytest
 from cli_helpers import assert_refused, run, snapshot
 from distill_models import INPUT, images, labelled, pruned_student, tiny_classifier
 from onnxprune.demo import demo_files
+from test_reporting import _documented_keys
 
 pytest.importorskip("torch")
 
@@ -159,6 +160,8 @@ def test_prune_with_distill_reports_the_distilled_model(tmp_path, capsys):
                              "--html", page, "--quiet"], capsys)
     assert code == 0, err
     data = json.loads(report.read_text())
+    assert set(data["distill"]) == _documented_keys("`distill`")
+    assert set(data["distill"]["epochs"][0]) == {"epoch", "loss", "parts", "eval", "seconds"}
     assert data["models"]["pruned"]["accuracy"] > 0.95  # the written model is the distilled one
     assert data["distill"]["before"]["accuracy"] < 0.2 and data["distill"]["evaluated_on"] == "eval data"
     assert data["distill"]["after"]["accuracy"] == pytest.approx(data["models"]["pruned"]["accuracy"], abs=1e-6)

@@ -250,6 +250,7 @@ class _Trainer:
         self.teacher = TeacherRunner(teacher, options.match)
         self.rng = np.random.default_rng(options.seed)
         self.history = DistillHistory(losses=_loss_names(self.plan, options.labels))
+        self._bar = None  # the current epoch's progress bar (tqdm on a terminal)
 
     def epoch(self, epoch: int, deadline: float | None) -> "tuple[EpochRecord | None, bool]":
         """One pass over the data at this epoch's learning rate (cosine decay: large steps first,
