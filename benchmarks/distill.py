@@ -74,7 +74,7 @@ def cnn() -> None:
     from onnxprune.train.distill import DistillOptions
 
     model, test, calib = (str(p) for p in demo_files())
-    options = DistillOptions(epochs=40, lr=2e-3, augment=True, patience=8, quiet=True, eval_labels="label")
+    options = DistillOptions(epochs=30, lr=2e-3, temperature=4.0, augment=True, patience=30, quiet=True)
     recovery_rows("digits CNN", model, dict(target_macs=0.3, criterion="wanda"), calib, test, "label", options,
                   classifier_measure(test))
 
@@ -87,7 +87,7 @@ def recurrent(cell: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="onnxprune-distill-"))
     model = bench.export(bench.train(cell, x_train, y_train), tmp / f"{cell}.onnx")
     test = {"x": x_test, "label": y_test}
-    options = DistillOptions(epochs=40, lr=3e-3, patience=8, quiet=True, eval_labels="label")
+    options = DistillOptions(epochs=60, lr=5e-3, patience=60, quiet=True)
     recovery_rows(f"digits {cell}", model, dict(ratio=0.5, criterion="activation"), {"x": x_train}, test, "label",
                   options, classifier_measure(test))
     return model, {"x": x_train}, test
@@ -174,13 +174,13 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
     tokenizer = bench.export(original, "legacy")
 
     def batches(part):
-        out = []
-        for start in range(0, len(part), 32):
-            enc = tokenizer(part[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="np")
-            out.append({"input_ids": enc["input_ids"].astype(np.int64),
-                        "attention_mask": enc["attention_mask"].astype(np.int64)})
-        return out
+        """Batches of 32, all padded to the longest sentence of `part` (the distillation's shuffle
+        buffer mixes rows of different batches, so their lengths must agree)."""
+        enc = tokenizer(part, padding=True, truncation=True, max_length=128, return_tensors="np")
+        return [{"input_ids": enc["input_ids"][i:i + 32].astype(np.int64),
+                 "attention_mask": enc["attention_mask"][i:i + 32].astype(np.int64)} for i in range(0, len(part), 32)]
 
+    train_sentences = min(train_sentences, len(texts) * 3 // 4)  # fewer docstrings installed than asked for
     train, held = batches(texts[:train_sentences]), batches(texts[train_sentences:])
     reference = bench.embed(original, held)
 
