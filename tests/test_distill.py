@@ -145,3 +145,12 @@ def test_shuffled_batches_mix_rows_only_of_equal_shape_and_keep_every_row():
     assert [b["row"].tolist() for b in first] != [c["row"][:4].tolist() for c in chunks]  # shuffled
     kept = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",), drop_partial=True))
     assert all(len(b["ids"]) == 4 for b in kept) and sum(len(b["ids"]) for b in kept) == 16
+
+
+def test_without_eval_data_a_worse_student_is_never_returned():
+    teacher = tiny_classifier()
+    student = perturbed(teacher, scale=0.01)  # already close: a huge learning rate can only hurt
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, epochs=2, lr=0.5, quiet=True)
+    h = result.history
+    assert h.epochs and h.best_epoch == 0 and h.after == h.before
+    assert result.model.SerializeToString() == student.SerializeToString()

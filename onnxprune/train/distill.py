@@ -192,6 +192,7 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
     history.before = evaluation.run(trainer.graph, trainer.teacher)
     history.metric = evaluation.metric(history.before)
     best, best_state, stale = _score(history.before, history.metric), trainer.snapshot(), 0
+    first_state = best_state
     start = time.monotonic()
     deadline = start + options.max_minutes * 60 if options.max_minutes else None
     for epoch in range(1, options.epochs + 1):
@@ -214,6 +215,10 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
     trainer.restore(best_state)
     history.after = (evaluation.run(trainer.graph, trainer.teacher) if eval_data is None else
                      history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
+    if eval_data is None and history.after["loss"] > history.before["loss"]:
+        # never hand back a student that imitates the teacher worse than the one it was given
+        trainer.restore(first_state)
+        history.best_epoch, history.after = 0, dict(history.before)
     history.seconds = time.monotonic() - start
     history.torch_vs_ort_max_rel = trainer.engine_error()
     return trainer.graph.to_onnx(), history
