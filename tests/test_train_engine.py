@@ -624,6 +624,32 @@ def test_dequantize_scale_trains():
     assert "param" in g.roles.values()
 
 
+def _ints(dtype, *shape):
+    info = np.iinfo(dtype)
+    return RNG.integers(max(info.min, -60), min(info.max, 200), shape).astype(dtype)
+
+
+def test_integer_ops_forward():
+    """Quantized integer ops run (no gradient flows through integers; float layers around them train).
+    u8 weights: with s8 weights ONNX Runtime's QLinearConv differs from the ONNX reference evaluator
+    (which the engine matches exactly)."""
+    b = GraphBuilder(opset=13)
+    x = b.input([2, 3, 6, 6], "x")
+    xq, xs, xz = b.op("DynamicQuantizeLinear", [x], n_out=3)
+    y = b.op("ConvInteger", [xq, b.const(_ints(np.uint8, 4, 3, 3, 3)), xz, b.const(np.array(120, np.uint8))],
+             pads=[1, 1, 1, 1])
+    qc = b.op("QLinearConv", [xq, xs, xz, b.const(_ints(np.uint8, 4, 3, 3, 3)), b.const(np.array([0.01, 0.02, 0.01, 0.03], np.float32)),
+                              b.const(np.array(100, np.uint8)), b.const(np.array(0.5, np.float32)), b.const(np.array(7, np.uint8)),
+                              b.const(_ints(np.int32, 4))], strides=[2, 2])
+    flat = b.op("Reshape", [xq, b.const(i64(-1, 6))])
+    mm = b.op("MatMulInteger", [flat, b.const(_ints(np.uint8, 6, 5)), xz, b.const(np.array(3, np.uint8))])
+    qm = b.op("QLinearMatMul", [flat, xs, xz, b.const(_ints(np.uint8, 6, 5)), b.const(np.full(5, 0.02, np.float32)),
+                                b.const(np.full(5, 9, np.uint8)), b.const(np.array(0.3, np.float32)), b.const(np.array(3, np.uint8))])
+    for out in (y, qc, mm, qm):
+        b.output(b.op("Cast", [out], to=TensorProto.FLOAT))
+    check(b.model(), grad=False)
+
+
 def test_foreign_domain_refused_with_every_node():
     b = GraphBuilder()
     x = b.input([2, 3], "x")

@@ -69,7 +69,7 @@ CNN_CASES = [("resnet18", "legacy-bn"), ("mobilenet_v3_small", "legacy-folded"),
 # Each dynamo export costs 10-40 s here; benchmarks/train_engine.py runs the full exporter matrix.
 
 
-def _cnn(name: str):
+def cnn_model(name: str):
     import torchvision
 
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def _cnn(name: str):
 def test_torchvision_cnn(name, exporter, tmp_path):
     pytest.importorskip("torchvision")
     rng = np.random.default_rng(0)
-    model = export_dynamic_batch(_cnn(name), (torch.randn(2, 3, 32, 32),), tmp_path / "m.onnx", exporter, ["x"])
+    model = export_dynamic_batch(cnn_model(name), (torch.randn(2, 3, 32, 32),), tmp_path / "m.onnx", exporter, ["x"])
     if exporter == "legacy-bn":
         assert "BatchNormalization" in {n.op_type for n in model.graph.node}
     assert_trains_and_writes_back(model, {"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)},
@@ -120,7 +120,7 @@ RECURRENT_CASES = [("LSTM", "legacy-folded", True, False), ("LSTM", "dynamo", Tr
                    ("RNN", "legacy-folded", True, False)]
 
 
-class _Classifier(torch.nn.Module):
+class RecurrentClassifier(torch.nn.Module):
     def __init__(self, cell: str, bidirectional: bool, batch_first: bool) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_recurrent(cell, exporter, bidirectional, batch_first, tmp_path):
     def x(batch):
         shape = (batch, 6, 5) if batch_first else (6, batch, 5)
         return rng.standard_normal(shape).astype(np.float32)
-    module = _Classifier(cell, bidirectional, batch_first)
+    module = RecurrentClassifier(cell, bidirectional, batch_first)
     model = export_dynamic_batch(module, (torch.from_numpy(x(2)),), tmp_path / "m.onnx", exporter, ["x"],
                                  batch_axis=0 if batch_first else 1)
     assert_trains_and_writes_back(model, {"x": x(4)}, {"x": x(3)})
