@@ -140,3 +140,39 @@ def test_a_killed_sensitivity_task_is_retried(shards, tmp_path):
     again = onnxprune_ray.sensitivity(model, folder, ratios=(0.5,), samples=64, evaluate=dies_once(marker))
     assert marker.read_text() == "died"
     assert again.to_json() == serial.to_json()
+
+
+def _structure(model) -> list:
+    """Everything of a model but its weight values: nodes, wiring, attributes, initializer shapes."""
+    nodes = [(n.op_type, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+             for n in model.graph.node]
+    return [nodes, [(t.name, list(t.dims), t.data_type) for t in model.graph.initializer],
+            [i.SerializeToString() for i in model.graph.input], [o.SerializeToString() for o in model.graph.output]]
+
+
+def test_distill_on_ray_train_follows_the_single_process_run(tmp_path, capsys):
+    """Same global batch and epochs: the data-parallel run (2 workers, gloo all-reduce) takes the
+    single-process run's steps, so structure is identical and loss and accuracy agree closely."""
+    pytest.importorskip("torch")
+    import onnxprune
+    from onnxprune.demo import accuracy
+    from onnxprune.train.distill import distill
+
+    model, test, calib = demo_files()
+    pruned = tmp_path / "p.onnx"
+    onnxprune.prune(model, ratio=0.5, recover="none", quiet=True).save(pruned)
+    single = distill(pruned, model, calib, epochs=2, batch=32, labels="label", quiet=True)
+    out, report = tmp_path / "d.onnx", tmp_path / "r.json"
+    code, _, err = run(["distill", pruned, "--teacher", model, "--data", calib, "-o", out, "--epochs", "2",
+                        "--batch", "32", "--labels", "label", "--report", report, "--quiet", "--ray", "--workers", "2"],
+                       capsys)
+    assert code == 0, err
+    on_ray = load_model(out)
+    assert _structure(on_ray) == _structure(single.model)
+    history = json.loads(report.read_text())["distill"]
+    assert history["samples"] == single.history.samples == 256
+    for mine, theirs in zip(history["epochs"], single.history.epochs):
+        assert mine["loss"] == pytest.approx(theirs.loss, rel=1e-4)
+    with np.load(test) as t:
+        acc_single, acc_ray = (accuracy(m, t["image"], t["label"]) for m in (single.model, on_ray))
+    assert acc_single > 0.5 and abs(acc_ray - acc_single) <= 0.01

@@ -10,11 +10,9 @@ evaluation are those of `onnxprune.train.distill`; only the gradient averaging i
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 
-import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
@@ -56,17 +54,49 @@ def _mean_over_workers(value: float) -> float:
     return float(t[0]) / dist.get_world_size()
 
 
+def data_parallel_trainer(rank: int, world: int):
+    """`onnxprune.train.distill._Trainer` made data-parallel: gradients averaged over the workers,
+    each global batch cut into `world` equal slices of which this worker trains on slice `rank`."""
+    from onnxprune.data import batch_size_for
+    from onnxprune.train.distill import _Trainer
+
+    class DataParallelTrainer(_Trainer):
+        def __init__(self, student, teacher, data, options) -> None:
+            super().__init__(student, teacher, data, options)
+            if self.batch % world:
+                raise InputError(f"batch {self.batch} must be a multiple of --workers {world} "
+                                 "(each worker takes an equal slice)")
+            if batch_size_for(student, default=0):
+                raise InputError("distill on Ray needs a free batch axis: each worker runs batch / workers rows")
+            self.fixed_batch = True  # every global batch complete, so every slice has batch / world rows
+            params = [self.graph.parameters_by_name[n] for n in self.trainable]
+            self.optimizer = AveragedGradients(self.optimizer, params, world)
+
+        def _batches(self, epoch):
+            local = self.batch // world
+            for inputs, labels in super()._batches(epoch):
+                part = slice(rank * local, (rank + 1) * local)
+                yield {k: v[part] for k, v in inputs.items()}, (labels[part] if labels is not None else None)
+
+        def epoch(self, epoch, deadline):
+            record, out_of_time = super().epoch(epoch, deadline)
+            if record is not None:  # the loss over the whole global batch, and its sample count
+                record.loss = _mean_over_workers(record.loss)
+                record.parts = {k: _mean_over_workers(v) for k, v in sorted(record.parts.items())}
+                self.history.samples *= world
+            return record, out_of_time
+
+    return DataParallelTrainer
+
+
 def train_loop(config: dict) -> None:
-    """The loop each Ray Train worker runs (mirrors `run_distillation`, epoch by epoch)."""
+    """What each Ray Train worker runs: `run_distillation`'s loop with the data-parallel trainer.
+    Every worker evaluates (same weights, same figures), so early stopping agrees without messages."""
+    import ray
     import ray.train
     import torch
 
-    from onnxprune.data import batch_size_for, model_inputs
-    from onnxprune.train.distill import (DistillHistory, EpochRecord, Evaluation, TeacherRunner, _batch_size,
-                                         _restore, _snapshot, check_feeds, check_match, check_pair,
-                                         shuffled_batches, train_step)
-    from onnxprune.train.graph import TrainableGraph
-    from onnxprune.train.losses import plan_losses
+    from onnxprune.train.distill import Evaluation, _score, check_match, check_pair
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
@@ -76,63 +106,37 @@ def train_loop(config: dict) -> None:
     teacher = onnx.load_model_from_string(config["teacher"])
     check_pair(student, teacher)
     check_match(student, teacher, options.match)
-    names = model_inputs(student)
-    batch = _batch_size(student, options.batch)
-    if batch % world:
-        raise InputError(f"batch {batch} must be a multiple of --workers {world} (each worker takes an equal slice)")
-    if batch_size_for(student, default=0):
-        raise InputError("distill on Ray needs a free batch axis: each worker runs batch / workers rows")
-    local = batch // world
-    plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
-                       options.label_weight)
-    graph = TrainableGraph(student)
-    trainable = [n for n, role in graph.roles.items() if role == "param" or (role == "bn_param" and not options.freeze_bn)]
-    graph.set_trainable(trainable)
-    params = [graph.parameters_by_name[n] for n in trainable]
-    optimizer = AveragedGradients(torch.optim.Adam(params, lr=options.lr), params, world)
-    teacher_run = TeacherRunner(teacher, options.match)
-    evaluation = Evaluation(student, plan, batch, eval_data if eval_data is not None else data,
+    trainer = data_parallel_trainer(rank, world)(student, teacher, data, options)
+    history = trainer.history
+    evaluation = Evaluation(student, trainer.plan, trainer.batch, eval_data if eval_data is not None else data,
                             options.eval_labels or options.labels)
-    history = DistillHistory(evaluated_on="eval data" if eval_data is not None else "training data")
-    history.before = evaluation.run(graph, teacher_run)  # every worker: same weights, same figures
+    history.evaluated_on = "eval data" if eval_data is not None else "training data"
+    history.before = evaluation.run(trainer.graph, trainer.teacher)
     history.metric = evaluation.metric(history.before)
-    best, stale = (history.before.get(history.metric, -math.inf), _snapshot(graph, params, trainable)), 0
-    rng, start = np.random.default_rng(options.seed), time.monotonic()
-    extra = (options.labels,) if options.labels else ()
+    best, best_state, stale = _score(history.before, history.metric), trainer.snapshot(), 0
+    first_state, start = best_state, time.monotonic()
     for epoch in range(1, options.epochs + 1):
-        t0 = time.monotonic()
-        for group in optimizer.param_groups:  # the single-process run's cosine decay
-            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
-        losses, samples = [], 0
-        for feeds in shuffled_batches(data, names, batch, rng, extra, drop_partial=True):
-            part = {k: v[rank * local:(rank + 1) * local] for k, v in feeds.items()}
-            inputs = {n: part[n] for n in names}
-            check_feeds(student, inputs)
-            loss, _ = train_step(graph, optimizer, plan, inputs, teacher_run(inputs), part.get(options.labels))
-            losses.append(loss)
-            samples += batch
-        if not losses:
-            raise InputError(f"data: no complete global batch of {batch} rows")
-        figures = evaluation.run(graph, teacher_run) if eval_data is not None else {}
-        history.epochs.append(EpochRecord(epoch, _mean_over_workers(float(np.mean(losses))), {}, figures,
-                                          time.monotonic() - t0))
-        history.samples = samples
-        score = figures.get(history.metric, -math.inf)
-        if eval_data is None or score > best[0]:
-            best, stale, history.best_epoch = (score, _snapshot(graph, params, trainable)), 0, epoch
+        record, _ = trainer.epoch(epoch, None)
+        record.eval = evaluation.run(trainer.graph, trainer.teacher) if eval_data is not None else {}
+        history.epochs.append(record)
+        score = _score(record.eval, history.metric)
+        if eval_data is None or score > best:
+            best, best_state, stale, history.best_epoch = score, trainer.snapshot(), 0, epoch
         else:
             stale += 1
         if eval_data is not None and stale >= options.patience:
             history.stopped = "early stop"
             break
-    _restore(graph, best[1])
-    history.after = (evaluation.run(graph, teacher_run) if eval_data is None else
+    trainer.restore(best_state)
+    history.after = (evaluation.run(trainer.graph, trainer.teacher) if eval_data is None else
                      history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
+    if eval_data is None and history.after["loss"] > history.before["loss"]:
+        trainer.restore(first_state)  # as the single-process run: never worse than the student given
+        history.best_epoch, history.after = 0, dict(history.before)
     history.seconds = time.monotonic() - start
     if rank == 0:
-        import ray
-
-        ray.get(config["sink"].put.remote((graph.to_onnx().SerializeToString(), history)))
+        history.torch_vs_ort_max_rel = trainer.engine_error()
+        ray.get(config["sink"].put.remote((trainer.graph.to_onnx().SerializeToString(), history)))
 
 
 def distill(student, teacher, data, *, workers: int = 2, address: str | None = None, eval_data=None,
