@@ -176,3 +176,13 @@ def test_distill_on_ray_train_follows_the_single_process_run(tmp_path, capsys):
     with np.load(test) as t:
         acc_single, acc_ray = (accuracy(m, t["image"], t["label"]) for m in (single.model, on_ray))
     assert acc_single > 0.5 and abs(acc_ray - acc_single) <= 0.01
+
+
+def test_distill_on_ray_refuses_a_batch_the_workers_cannot_split(tmp_path, capsys):
+    pytest.importorskip("torch")
+    model, _, calib = demo_files()
+    out = tmp_path / "d.onnx"
+    code, _, err = run(["distill", model, "--teacher", model, "--data", calib, "-o", out, "--batch", "31",
+                        "--ray", "--workers", "2"], capsys)
+    assert code == 2 and "batch 31 must be a multiple of --workers 2" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

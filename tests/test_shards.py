@@ -173,5 +173,7 @@ def test_ray_flag_without_ray_names_the_extra(digits, tmp_path, capsys, monkeypa
     np.savez(tmp_path / "a.npz", **calib)
     monkeypatch.setitem(sys.modules, "ray", None)
     for args in (["stats", model, "--data", tmp_path / "a.npz", "-o", tmp_path / "s.npz", "--ray"],
-                 ["sensitivity", model, "--data", tmp_path / "a.npz", "--ray", "--json", tmp_path / "s.json"]):
-        assert_refused(args, "--ray needs the ray extra: pip install 'onnxprune[ray]'", capsys, tmp_path)
+                 ["sensitivity", model, "--data", tmp_path / "a.npz", "--ray", "--json", tmp_path / "s.json"],
+                 ["distill", model, "--teacher", model, "--data", tmp_path / "a.npz", "-o", tmp_path / "d.onnx",
+                  "--ray"]):
+        assert_refused(args, "needs the ray extra: pip install 'onnxprune[ray]'", capsys, tmp_path)

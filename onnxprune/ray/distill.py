@@ -54,20 +54,25 @@ def _mean_over_workers(value: float) -> float:
     return float(t[0]) / dist.get_world_size()
 
 
+def check_batch(student: onnx.ModelProto, batch: int, world: int) -> None:
+    """Each worker takes batch / world rows of every global batch: both must allow it."""
+    from onnxprune.data import batch_size_for
+
+    if batch_size_for(student, default=0):
+        raise InputError("distill on Ray needs a free batch axis: each worker runs batch / workers rows")
+    if batch % world:
+        raise InputError(f"batch {batch} must be a multiple of --workers {world} (each worker takes an equal slice)")
+
+
 def data_parallel_trainer(rank: int, world: int):
     """`onnxprune.train.distill._Trainer` made data-parallel: gradients averaged over the workers,
     each global batch cut into `world` equal slices of which this worker trains on slice `rank`."""
-    from onnxprune.data import batch_size_for
     from onnxprune.train.distill import _Trainer
 
     class DataParallelTrainer(_Trainer):
         def __init__(self, student, teacher, data, options) -> None:
             super().__init__(student, teacher, data, options)
-            if self.batch % world:
-                raise InputError(f"batch {self.batch} must be a multiple of --workers {world} "
-                                 "(each worker takes an equal slice)")
-            if batch_size_for(student, default=0):
-                raise InputError("distill on Ray needs a free batch axis: each worker runs batch / workers rows")
+            check_batch(student, self.batch, world)
             self.fixed_batch = True  # every global batch complete, so every slice has batch / world rows
             params = [self.graph.parameters_by_name[n] for n in self.trainable]
             self.optimizer = AveragedGradients(self.optimizer, params, world)
@@ -149,7 +154,7 @@ def distill(student, teacher, data, *, workers: int = 2, address: str | None = N
     ray = require_ray("distill on Ray")
     from onnxprune.ir import load_model
     from onnxprune.data import is_one_shot
-    from onnxprune.train.distill import DistillOptions, DistillResult, require_torch
+    from onnxprune.train.distill import DistillOptions, DistillResult, _batch_size, require_torch
 
     require_torch("distill on Ray")
     options = options or DistillOptions()
@@ -161,7 +166,9 @@ def distill(student, teacher, data, *, workers: int = 2, address: str | None = N
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = {"student": load_model(student).SerializeToString(), "teacher": load_model(teacher).SerializeToString(),
+    student, teacher = load_model(student), load_model(teacher)
+    check_batch(student, _batch_size(student, options.batch), workers)  # here too: refused before Ray starts
+    config = {"student": student.SerializeToString(), "teacher": teacher.SerializeToString(),
               "options": options, "data": _absolute(data), "eval_data": _absolute(eval_data)}
     with connected(address, workers + 1, quiet), worker_errors(), tempfile.TemporaryDirectory() as storage:
         sink = ray.remote(num_cpus=0)(_Sink).remote()
