@@ -11,7 +11,7 @@ from onnxprune.errors import InputError, OnnxPruneError
 
 RAY_EXTRA = "pip install 'onnxprune[ray]'"
 RETRIES = 3
-"""Restarts of a dead actor and retries of a task whose worker died (a crash, the OOM killer)."""
+"""Retries of a sweep task whose worker process died (a crash, the OOM killer, a lost node)."""
 
 
 def require_ray(what: str = "--ray"):
