@@ -177,3 +177,16 @@ def test_ray_flag_without_ray_names_the_extra(digits, tmp_path, capsys, monkeypa
                  ["distill", model, "--teacher", model, "--data", tmp_path / "a.npz", "-o", tmp_path / "d.onnx",
                   "--ray"]):
         assert_refused(args, "needs the ray extra: pip install 'onnxprune[ray]'", capsys, tmp_path)
+
+
+def test_distill_reads_parquet_shards(digits, tmp_path, capsys):
+    pytest.importorskip("torch")
+    model, test, calib = digits
+    write_parquet(calib, tmp_path / "calib.parquet")
+    write_tar(test, tmp_path / "test.tar")
+    out = tmp_path / "d.onnx"
+    code, stdout, err = run(["distill", model, "--teacher", model, "--data", tmp_path / "calib.parquet", "-o", out,
+                             "--eval-data", tmp_path / "test.tar", "--labels", "label", "--epochs", "1", "--quiet"],
+                            capsys)
+    assert code == 0, err
+    assert out.exists() and "accuracy" in stdout
