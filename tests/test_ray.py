@@ -186,3 +186,16 @@ def test_distill_on_ray_refuses_a_batch_the_workers_cannot_split(tmp_path, capsy
                         "--ray", "--workers", "2"], capsys)
     assert code == 2 and "batch 31 must be a multiple of --workers 2" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_an_onnxprune_error_in_a_task_comes_back_as_itself():
+    from onnxprune.errors import InputError
+    from onnxprune.ray.cluster import worker_errors
+
+    @ray.remote
+    def refuse():
+        raise InputError("node Conv_3 (Conv): bad input")
+
+    with pytest.raises(InputError) as caught, worker_errors():
+        ray.get(refuse.remote())
+    assert type(caught.value) is InputError and str(caught.value) == "node Conv_3 (Conv): bad input"

@@ -63,24 +63,26 @@ def quiet_data(quiet: bool) -> None:
 
 @contextlib.contextmanager
 def worker_errors() -> Iterator[None]:
-    """Re-raise an onnxprune error from a worker as itself (Ray wraps it in its own types), so the
-    CLI still prints one line and exits 2."""
+    """Re-raise an onnxprune error from a worker as itself: Ray wraps it in its own types (whose
+    message carries the remote traceback), and the CLI must still print one line and exit 2."""
     try:
         yield
-    except OnnxPruneError:
-        raise
     except Exception as exc:
         found = _cause(exc)
-        if found is None:
+        if found is None or found is exc:
             raise
         raise found from None
 
 
 def _cause(exc: BaseException | None) -> OnnxPruneError | None:
+    """The innermost onnxprune error in Ray's `cause` / `__cause__` chain."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OnnxPruneError):
-            return exc
         seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException):
+            if isinstance(exc, OnnxPruneError):
+                return exc
+            inner = exc.__cause__
+        exc = inner
     return None
