@@ -195,3 +195,13 @@ def test_without_torch_one_line_names_the_train_extra(tiny, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "onnxprune[train]" in run.stderr, run.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_api_taylor_on_the_digits_cnn_uses_its_labels():
+    from onnxprune.demo import demo_files
+
+    model_path, _, calib_path = demo_files()
+    result = onnxprune.prune(model_path, criterion="taylor", data=calib_path, target_macs=0.5, recover="none", quiet=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.report.after.macs <= 0.5 * result.report.before.macs
+    assert any("taylor scores computed from 256 samples" in n and "true labels 'label'" in n for n in result.report.notes)
