@@ -192,12 +192,13 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
         return cosine, float(np.mean(_nearest(reference) == _nearest(emb)))
 
     model = onnx.load(original)
-    layers = [n.output[0] for n in model.graph.node if n.name.endswith("output/LayerNorm/Add_1")]
+    layers = [n.output[0] for n in model.graph.node  # each layer's output (its last LayerNorm)
+              if n.op_type == "LayerNormalization" and "/attention/" not in n.name and n.name.endswith("/output/LayerNorm/LayerNormalization")]
     setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
     plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
     lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
-    options = DistillOptions(epochs=6, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
-                             patience=2)
+    options = DistillOptions(epochs=20, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
+                             patience=20)
     start = time.perf_counter()
     distilled = onnxprune.prune(model, recover="lstsq", data=train, distill=options, quiet=True, **setting)
     seconds = time.perf_counter() - start
