@@ -192,8 +192,9 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
         return cosine, float(np.mean(_nearest(reference) == _nearest(emb)))
 
     model = onnx.load(original)
-    layers = [n.output[0] for n in model.graph.node  # each layer's output (its last LayerNorm)
-              if n.op_type == "LayerNormalization" and "/attention/" not in n.name and n.name.endswith("/output/LayerNorm/LayerNormalization")]
+    layers = [n.output[0] for n in model.graph.node  # each layer's output: its last LayerNorm
+              if n.op_type == "LayerNormalization" and "/attention/" not in n.name
+              and n.name.endswith("/output/LayerNorm/LayerNormalization")]
     setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
     plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
     lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
