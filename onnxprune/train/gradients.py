@@ -141,7 +141,8 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
             part = None if target is None else torch.from_numpy(np.asarray(target[start:start + step])).long()
             loss = _loss(signal, kind, engine(feeds), part, generator)
             if not torch.isfinite(loss):
-                raise InputError(f"criterion {kind!r}: the loss is not finite on the data (samples from {seen + start})")
+                raise InputError(f"criterion {kind!r}: the loss is not finite on the data "
+                                 f"(samples from {seen + start})")
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             per_slot = _slot_products(slots, dict(zip(names, params)), dict(zip(names, grads)))
             for group in analysis.prunable:
