@@ -101,7 +101,7 @@ def steps() -> None:
     model, test, calib = (str(p) for p in demo_files())
     for n in (1, 4):
         for distill in (False, True):
-            options = DistillOptions(epochs=10, lr=2e-3, augment=True, quiet=True, eval_labels="label") if distill else False
+            options = distill and DistillOptions(epochs=10, lr=2e-3, augment=True, quiet=True, eval_labels="label")
             start = time.perf_counter()
             result = onnxprune.prune(model, target_macs=0.3, criterion="fisher", data=calib, recover="lstsq",
                                      steps=n, distill=options, quiet=True)
@@ -156,7 +156,8 @@ def vgg16() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="onnxprune-vgg16-"))
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    subprocess.run([sys.executable, str(HERE.parent / "examples" / "keras_vgg16_digits.py"), "train", "--out", str(tmp)],
+    script = HERE.parent / "examples" / "keras_vgg16_digits.py"
+    subprocess.run([sys.executable, str(script), "train", "--out", str(tmp)],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     model, test, calib = str(tmp / "vgg16_digits.onnx"), str(tmp / "digits32_test.npz"), str(tmp / "digits32_calib.npz")
     options = DistillOptions(epochs=15, lr=1e-3, patience=4, quiet=True, eval_labels="label")
@@ -192,12 +193,14 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
         return cosine, float(np.mean(_nearest(reference) == _nearest(emb)))
 
     model = onnx.load(original)
-    layers = [n.output[0] for n in model.graph.node if n.name.endswith("output/LayerNorm/Add_1")]
+    layers = [n.output[0] for n in model.graph.node  # each layer's output: its last LayerNorm
+              if n.op_type == "LayerNormalization" and "/attention/" not in n.name
+              and n.name.endswith("/output/LayerNorm/LayerNormalization")]
     setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
     plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
     lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
-    options = DistillOptions(epochs=6, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
-                             patience=2)
+    options = DistillOptions(epochs=20, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
+                             patience=20)
     start = time.perf_counter()
     distilled = onnxprune.prune(model, recover="lstsq", data=train, distill=options, quiet=True, **setting)
     seconds = time.perf_counter() - start
@@ -235,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         start = len(ROWS)
         if part in ("steps", "criteria"):
-            print(f"\n{part}: test accuracy\n| model | setting | params kept | MACs kept | accuracy | s |\n|---|---|---|---|---|---|")
+            print(f"\n{part}: test accuracy\n| model | setting | params kept | MACs kept | accuracy | s |"
+                  "\n|---|---|---|---|---|---|")
         else:
             print(f"\n{part}: quality (MiniLM: mean cosine / nearest-neighbour agreement)\n"
-                  "| model | setting | params kept | MACs kept | original | no recovery | lstsq | distill | s (prune+distill) |"
+                  "| model | setting | params kept | MACs kept | original | no recovery | lstsq | distill "
+                  "| s (prune+distill) |"
                   "\n|---|---|---|---|---|---|---|---|---|")
         actions[part]()
         for row in ROWS[start:]:

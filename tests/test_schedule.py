@@ -47,7 +47,8 @@ def test_ratio_steps_on_a_tiny_model_keep_about_the_one_shot_channels():
     three = onnxprune.prune(model, ratio=0.5, steps=3)
     assert len(three.report.rounds) == 3
     # each round rounds its share down per group: groups of 4-8 channels may keep one more per round
-    assert one.report.after.params <= three.report.after.params <= one.report.after.params + 0.1 * one.report.before.params
+    slack = 0.1 * one.report.before.params
+    assert one.report.after.params <= three.report.after.params <= one.report.after.params + slack
     params = [r["params"] for r in three.report.rounds]
     assert params == sorted(params, reverse=True) and params[0] > params[-1]
     assert all(r["cosine"] is None for r in three.report.rounds)  # no data: nothing to compare on

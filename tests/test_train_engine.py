@@ -678,3 +678,12 @@ def test_capture_returns_intermediate():
     b.output(b.op("Neg", [h]))
     out = TrainableGraph(b.model())({"x": np.array([[1, -1, 2], [0, 3, -4]], np.float32)}, capture=[h])
     assert torch.equal(out[h], torch.tensor([[1.0, 0, 2], [0, 3, 0]]))
+
+
+def test_docs_list_every_registered_op():
+    from pathlib import Path
+
+    from onnxprune.train.ops import TORCH_OPS
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    block = text.split("<!-- ops: begin -->")[1].split("<!-- ops: end -->")[0]
+    assert [op.strip() for op in block.replace("\n", " ").split(",")] == sorted(TORCH_OPS)

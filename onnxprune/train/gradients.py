@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx
 
-from onnxprune.data import DEFAULT_BATCH, iter_batches, model_inputs
+from onnxprune.data import DEFAULT_BATCH, batch_size_for, iter_batches, model_inputs
 from onnxprune.errors import InputError
 from onnxprune.importance import GRADIENT_CRITERIA, GRADIENT_ROLES, channel_sums
 from onnxprune.passes.dependency import Analysis
@@ -119,24 +119,30 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
     engine.set_trainable(names)
     params = [engine.parameters_by_name[n] for n in names]
     signal = choose_signal(analysed)
-    step = micro_batch or (1 if kind == "fisher" else DEFAULT_BATCH)
+    fixed = batch_size_for(analysed, default=0)  # a model exported for one batch size takes only that
+    step = fixed or micro_batch or (1 if kind == "fisher" else DEFAULT_BATCH)
     generator = torch.Generator().manual_seed(seed)
     totals = {g.key: np.zeros(g.size) for g in analysis.prunable}
     seen, labelled, found = 0, False, False
     inputs = model_inputs(analysed)
     extra = (labels,) if labels else ()
-    for batch in progress(iter_batches(data, inputs, DEFAULT_BATCH, extra=extra, limit=samples),
+    skipped = 0
+    for batch in progress(iter_batches(data, inputs, fixed or DEFAULT_BATCH, extra=extra, limit=samples),
                           f"{kind} gradients", quiet, unit="batch"):
         found = found or (labels in batch if labels else False)
         target = batch.get(labels) if labels and signal.logits else None
         labelled = labelled or target is not None
         rows = len(next(iter(batch.values())))
+        if fixed and rows != fixed:
+            skipped += rows
+            continue
         for start in range(0, rows, step):
             feeds = {n: torch.from_numpy(np.ascontiguousarray(batch[n][start:start + step])) for n in inputs}
             part = None if target is None else torch.from_numpy(np.asarray(target[start:start + step])).long()
             loss = _loss(signal, kind, engine(feeds), part, generator)
             if not torch.isfinite(loss):
-                raise InputError(f"criterion {kind!r}: the loss is not finite on the data (samples from {seen + start})")
+                raise InputError(f"criterion {kind!r}: the loss is not finite on the data "
+                                 f"(samples from {seen + start})")
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             per_slot = _slot_products(slots, dict(zip(names, params)), dict(zip(names, grads)))
             for group in analysis.prunable:
@@ -149,6 +155,9 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
     description = signal.describe(kind, labels if labelled else None)
     result = GradientScores(kind, scores, seen, description)
     result.notes.append(f"{kind} scores computed from {seen} samples: {description}")
+    if fixed and kind == "fisher":
+        result.notes.append(f"the model takes batches of {fixed} only: fisher squares per-batch, not per-sample, "
+                            f"gradients" + (f"; {skipped} trailing samples skipped" if skipped else ""))
     if found and not signal.logits:
         result.notes.append(f"labels '{labels}' ignored by {kind}: no output looks like class logits")
     return result

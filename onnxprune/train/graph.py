@@ -75,6 +75,7 @@ class _Program:
         self.inputs = [v.name for v in graph.input]
         self.outputs = [v.name for v in graph.output]
         self.steps: list[tuple[Node, Any, list[str], list[str]]] = []
+        self.fixed: dict[str, torch.Tensor] = {}
         for i, proto in enumerate(graph.node):
             attrs, subgraphs = {}, {}
             for a in proto.attribute:
@@ -84,10 +85,14 @@ class _Program:
                     attrs[a.name] = _attr(a)
             node = Node(proto.name or f"{proto.op_type}_{i}", proto.op_type, opset, attrs,
                         len([o for o in proto.output if o]), subgraphs)
-            self.steps.append((node, TORCH_OPS[proto.op_type], list(proto.input), list(proto.output)))
+            if proto.op_type == "Constant":  # no inputs, never trainable: evaluated once, here
+                self.fixed[proto.output[0]] = TORCH_OPS["Constant"].fn(node)
+            else:
+                self.steps.append((node, TORCH_OPS[proto.op_type], list(proto.input), list(proto.output)))
 
     def execute(self, env: dict[str, torch.Tensor]) -> None:
         """Run every node, adding its outputs to `env`."""
+        env.update(self.fixed)
         for node, rule, input_names, output_names in self.steps:
             args = [env[n] if n else None for n in input_names]
             try:

@@ -39,12 +39,15 @@ def torch_pads(begin: list[int], end: list[int]) -> list[int]:
     return out
 
 
+def _geometry(node: Node, w) -> tuple[int, list[int], list[int], list[int]]:
+    """(spatial rank, kernel, strides, dilations) of a convolution node and its weight."""
+    n = w.dim() - 2
+    return n, list(w.shape[2:]), node.attr("strides") or [1] * n, node.attr("dilations") or [1] * n
+
+
 @torch_op("Conv")
 def conv(node: Node, x, w, b=None):
-    n = w.dim() - 2
-    kernel = list(w.shape[2:])
-    strides = node.attr("strides") or [1] * n
-    dilations = node.attr("dilations") or [1] * n
+    n, kernel, strides, dilations = _geometry(node, w)
     begin, end = spatial_pads(node, list(x.shape[2:]), kernel, strides, dilations)
     if begin != end:
         x, begin = F.pad(x, torch_pads(begin, end)), [0] * n
@@ -54,10 +57,7 @@ def conv(node: Node, x, w, b=None):
 @torch_op("ConvTranspose")
 def conv_transpose(node: Node, x, w, b=None):
     """Full transposed convolution, then output padding and cropping per ONNX's size formula."""
-    n = w.dim() - 2
-    kernel = list(w.shape[2:])
-    strides = node.attr("strides") or [1] * n
-    dilations = node.attr("dilations") or [1] * n
+    n, kernel, strides, dilations = _geometry(node, w)
     extra = node.attr("output_padding") or [0] * n
     groups = node.attr("group", 1)
     y = _CONV_T[n](x, w, None, strides, 0, 0, groups, dilations)
