@@ -9,5 +9,14 @@ from onnxprune.verify import VerifyReport
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "prune", "verify", "load_config", "Analysis", "Plan", "PruneResult", "PruneReport",
+__all__ = ["analyze", "prune", "verify", "distill", "load_config", "Analysis", "Plan", "PruneResult", "PruneReport",
            "VerifyReport", "InputError", "OnnxPruneError", "VerificationError", "__version__"]
+
+
+def __getattr__(name: str):
+    """`onnxprune.distill` is imported on first use: `import onnxprune` stays free of torch."""
+    if name == "distill":
+        from onnxprune.train.distill import distill
+
+        return distill
+    raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")

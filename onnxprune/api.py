@@ -15,7 +15,7 @@ from onnxprune.calibration import Calibration
 from onnxprune.data import is_one_shot, spool
 from onnxprune.errors import InputError, VerificationError
 from onnxprune.heads import freeze_hidden, with_head_ratio
-from onnxprune.importance import Criterion, score_groups
+from onnxprune.importance import GRADIENT_CRITERIA, Criterion, score_groups
 from onnxprune.ir import ModelMeta, check_model, from_graph, load_model, opset_version, save_model
 from onnxprune.metrics import ModelStats, count
 from onnxprune.passes.dead_channels import find_dead_channels
@@ -31,6 +31,7 @@ from onnxprune.verify import (DEFAULT_ATOL, DEFAULT_RTOL, LatencyReport, VerifyR
 if TYPE_CHECKING:
     from onnxprune.passes.stats import Statistics
     from onnxprune.quantize import ModelFigures, QuantChoice, QuantOptions
+    from onnxprune.train.distill import DistillOptions
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 REPORT_VERSION = 1
@@ -84,6 +85,10 @@ class PruneReport:
     """Side-by-side figures (original, pruned, quantized) when quantizing or given eval data."""
     layers: list[dict] = field(default_factory=list)
     """Per channel group: key, producers, channels, removed, frozen reasons (charts, dashboards)."""
+    distill: dict | None = None
+    """The distillation that followed pruning (`prune(..., distill=...)`): `DistillHistory.to_dict()`."""
+    rounds: list[dict] = field(default_factory=list)
+    """Per round of an iterative schedule (`steps` > 1): `onnxprune.train.schedule.Round.to_dict()`."""
 
     def to_dict(self) -> dict:
         out = {
@@ -109,6 +114,10 @@ class PruneReport:
         if self.models:
             out["models"] = {name: figures.to_dict() for name, figures in self.models.items()}
         out["layers"] = self.layers
+        if self.distill is not None:
+            out["distill"] = self.distill
+        if self.rounds:
+            out["rounds"] = self.rounds
         return out
 
 
@@ -166,6 +175,8 @@ def prune(
     head_ratio: float | None = None,
     prune_hidden: bool = False,
     gqa: Literal["kv", "query"] = "kv",
+    distill: "bool | DistillOptions" = False,
+    steps: int = 1,
 ) -> PruneResult:
     """Prune a model and return the new model, the plan used and a report.
 
@@ -185,7 +196,9 @@ def prune(
     original, pruned and quantized side by side (`report.models`).
 
     Data-driven pruning: `data` (any form `onnxprune.data` reads) or saved `stats` feed the
-    activation/apoz/wanda criteria, `plan="auto"` and recovery; `gradients` feed taylor.
+    activation/apoz/wanda criteria, `plan="auto"` and recovery; `gradients` feed taylor. Without
+    `gradients`, criterion 'taylor' or 'fisher' with `data` computes them on a loss over `data`
+    (the `labels` array when present; needs the `train` extra; `onnxprune.train.gradients`).
     `target_macs` / `target_params` (fractions to keep) replace `ratio` with a global ranking, no
     group losing more than `max_ratio`. `recover` (default: bias when data or stats are given)
     compensates removed channels in the next layer's bias or re-fits it by least squares.
@@ -196,6 +209,12 @@ def prune(
     Options that the chosen mode would ignore (a ratio with a target, head_ratio with a target,
     criterion options with a replayed plan, ...) are refused with `InputError`.
 
+    `distill` (True, or `onnxprune.train.DistillOptions`) distils the pruned model from the
+    original on `data` right after pruning (needs the `train` extra); `eval_data` and `labels` then
+    also drive early stopping, and every figure of the report is the distilled model's.
+    `steps` N > 1 removes the ratio or target in N rounds, re-scoring (and distilling from the
+    original) between them; `report.rounds` holds each round's figures (`onnxprune.train.schedule`).
+
     A `data` source that can be read only once (a generator, a `get_next()` reader) is copied once,
     batch by batch, into a temporary .npz directory that every step re-reads.
     """
@@ -203,6 +222,11 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "data")}
         with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
             return prune(model, data=spool(data, tmp), **options)
+    if steps != 1:
+        options = {k: v for k, v in locals().items() if k != "model"}
+        from onnxprune.train.schedule import run_steps
+
+        return run_steps(model, **options)
     _check_options(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, lossless=lossless, plan=plan,
                    target_macs=target_macs, target_params=target_params, target_latency=target_latency,
                    max_ratio=max_ratio, head_ratio=head_ratio)
@@ -210,6 +234,12 @@ def prune(
 
     quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
     check_quant_options(quantize, quant_options)
+    if distill:
+        from onnxprune.train.distill import require_torch
+
+        if data is None:
+            raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
+        require_torch()
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -218,6 +248,12 @@ def prune(
     summary = analysis.summary()
     calib = Calibration.prepare(original, analysis, data=data, stats=stats, gradients=gradients, criterion=criterion,
                                 recover="none" if lossless else recover, auto_plan=plan == "auto", quiet=quiet)
+    if not lossless and criterion in GRADIENT_CRITERIA:
+        from onnxprune.train.gradients import gradient_criterion
+
+        criterion, notes = gradient_criterion(original, analysis, criterion, data, gradients=calib.gradients,
+                                              labels=labels, seed=seed, quiet=quiet)
+        calib.notes.extend(notes)
     latency_notes: list[str] = []
     replay = plan is not None and plan != "auto"
     if not lossless and not replay and target_latency is not None:
@@ -238,7 +274,8 @@ def prune(
     before = count(original)
     # A model read from a file is ours: the export reuses its proto so weights are never held twice.
     # Steps that need the original afterwards (verify, bench, quantize) get the copying export.
-    reuse = not isinstance(model, onnx.ModelProto) and not (verify or bench or quantize or eval_data is not None)
+    reuse = not isinstance(model, onnx.ModelProto) and not (verify or bench or quantize or eval_data is not None
+                                                            or distill)
     pruned = from_graph(analysis.graph, meta, into=original if reuse else None)
     if reuse:
         original = None  # its storage now holds the pruned model
@@ -248,8 +285,11 @@ def prune(
     except VerificationError:  # an input whose shapes never fitted is refused, not reported as our bug
         check_shapes_fit(original if original is not None else load_model(model), _label(model))
         raise
+    distilled = None
+    if distill:
+        pruned, distilled = _distill(original, pruned, distill, data, eval_data, labels, seed, quiet)
     report = PruneReport(before, count(pruned), summary, sum(1 for u in units.values() if len(u)),
-                         result.removed_channels)
+                         result.removed_channels, distill=distilled)
     report.layers = _layers(analysis, units)
     report.notes.extend(calib.notes)
     report.notes.extend(latency_notes)
@@ -293,6 +333,18 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
     report.quantize, report.latency = quantize, latency or report.latency
     report.notes.extend(warnings)
     return quantized
+
+
+def _distill(original: onnx.ModelProto, pruned: onnx.ModelProto, options: "bool | DistillOptions", data,
+             eval_data, labels: str, seed: int, quiet: bool) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model distilled from the original, and the history for the report. Given
+    `True`, default options with prune's seed, quiet flag and evaluation labels."""
+    from onnxprune.train.distill import DistillOptions, run_distillation
+
+    if not isinstance(options, DistillOptions):
+        options = DistillOptions(seed=seed, quiet=quiet, eval_labels=labels)
+    model, history = run_distillation(pruned, original, data, options, eval_data)
+    return model, history.to_dict()
 
 
 def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, round_to: "int | str", lossless: bool,

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from onnxprune.cli_data import COMMANDS as DATA_COMMANDS
 from onnxprune.cli_data import add_commands, add_data_argument
+from onnxprune.cli_train import COMMANDS as TRAIN_COMMANDS
+from onnxprune.cli_train import add_commands as add_train_commands
+from onnxprune.cli_train import add_prune_options as add_distill_options
 from onnxprune.errors import InputError, OnnxPruneError, VerificationError
 
 
@@ -37,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
     r.add_argument("--criterion", default="l1", help="l1, l2, bn_scale, random, fpgm, activation, apoz, wanda, "
-                   "taylor, or module:function")
+                   "taylor, fisher, or module:function (taylor and fisher with --data and no --gradients: "
+                   "gradients computed here, needs the train extra)")
+    r.add_argument("--steps", type=int, default=1, metavar="N",
+                   help="reach the ratio or target in N rounds, re-scoring (and with --distill distilling from "
+                   "the original) between them (default 1)")
     r.add_argument("--scope", choices=["local", "global"], default="local")
     r.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                    help="keep a multiple of N channels (1: exact counts); auto: the count just below a measured "
@@ -100,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--sensitivity", metavar="FILE.json", help="sensitivity results to chart in --html")
     r.add_argument("--config", metavar="FILE", help="prune options from YAML/JSON (keys = option names; "
                    "flags given here override it)")
+    add_distill_options(r)
 
     v = sub.add_parser("verify", help="compare two models' outputs in ONNX Runtime")
     v.add_argument("original")
@@ -111,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--bench", action="store_true")
 
     add_commands(sub)
+    add_train_commands(sub)
 
     t = sub.add_parser("latency-table", help="measure each prunable layer's ORT latency at candidate channel counts")
     t.add_argument("model")
@@ -175,7 +184,12 @@ def prune_kwargs(args: argparse.Namespace) -> dict:
     from onnxprune.api import prune
 
     names = [n for n, p in inspect.signature(prune).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if kwargs.get("distill"):  # --distill with its --distill-* options
+        from onnxprune.cli_train import distill_options
+
+        kwargs["distill"] = distill_options(args, prefix="distill_")
+    return kwargs
 
 
 def _cmd_prune(args) -> int:
@@ -281,7 +295,7 @@ def _cmd_demo(args) -> int:
 
 
 _COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "verify": _cmd_verify, "demo": _cmd_demo,
-             "latency-table": _cmd_latency_table, **DATA_COMMANDS}
+             "latency-table": _cmd_latency_table, **DATA_COMMANDS, **TRAIN_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

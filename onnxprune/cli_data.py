@@ -8,8 +8,10 @@ import os
 
 from onnxprune.errors import InputError
 
-DATA_HELP = ("data: FILE.npz, a directory of .npz files or test_data_set_* folders, or name:file.npy pairs "
-             "(default: seeded random inputs)")
+DATA_HELP = ("data: FILE.npz, Parquet files, tar shards of .npy (docs/scale.md), a directory of them or of "
+             "test_data_set_* folders, or name:file.npy pairs (default: seeded random inputs)")
+RAY_HELP = ("run on Ray: a local Ray without ADDRESS, or a cluster (ray://head:10001, auto); needs the ray "
+            "extra (docs/scale.md)")
 
 
 class DataArg(argparse.Action):
@@ -33,6 +35,7 @@ def add_commands(sub) -> None:
     add_data_argument(s, DATA_HELP.replace(" (default: seeded random inputs)", ""))
     s.add_argument("--no-gram", action="store_true", help="skip the Gram matrices (no least-squares recovery)")
     s.add_argument("--limit", type=int, metavar="N", help="read at most N samples")
+    add_ray_arguments(s, "actors, each with one ONNX Runtime session, sum shards (default 2)")
     s.add_argument("--quiet", action="store_true")
 
     t = sub.add_parser("sensitivity", help="prune each group alone and measure the damage")
@@ -47,7 +50,13 @@ def add_commands(sub) -> None:
     t.add_argument("--exclude", nargs="+", default=[], metavar="NAME")
     t.add_argument("--json", metavar="FILE", help="write the curves as JSON")
     t.add_argument("--plot", metavar="FILE.png", help="plot the curves (needs matplotlib: the 'plot' extra)")
+    add_ray_arguments(t, "Ray tasks evaluating (group, ratio) points in parallel (default 2)")
     t.add_argument("--quiet", action="store_true")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, workers_help: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help=RAY_HELP)
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: " + workers_help)
 
 
 def _input_files(args: argparse.Namespace) -> list[str]:
@@ -84,25 +93,52 @@ def cmd_stats(args) -> int:
         raise InputError("stats takes one model (or: stats merge FILE... -o OUT)")
     if args.data is None:
         raise InputError("stats needs --data")
-    from onnxprune.api import analyze
-    from onnxprune.ir import load_model
-    from onnxprune.passes.stats import collect
+    if args.ray:
+        stats = _ray_stats(args)
+    else:
+        from onnxprune.api import analyze
+        from onnxprune.ir import load_model
+        from onnxprune.passes.stats import collect
 
-    model = load_model(args.inputs[0])
-    stats = collect(model, analyze(model), args.data, grams=not args.no_gram, limit=args.limit, quiet=args.quiet)
+        model = load_model(args.inputs[0])
+        stats = collect(model, analyze(model), args.data, grams=not args.no_gram, limit=args.limit, quiet=args.quiet)
     stats.save(args.output)
     print(f"{stats.samples} samples, {len(stats.slots)} channel slots, {len(stats.grams)} Gram matrices "
           f"-> {args.output}")
     return 0
 
 
+def _ray_stats(args):
+    from onnxprune.ray.cluster import require_ray
+
+    require_ray()
+    if args.limit is not None:
+        raise InputError("--limit is not supported with --ray (shards are read whole)")
+    from onnxprune.ray import stats
+
+    return stats(args.inputs[0], args.data, workers=args.workers, address=_address(args.ray),
+                 grams=not args.no_gram, quiet=args.quiet)
+
+
+def _address(flag: str) -> str | None:
+    return None if flag == "local" else flag
+
+
 def cmd_sensitivity(args) -> int:
     from onnxprune.sensitivity import save_json, sensitivity
 
     _refuse_overwriting_inputs(args, {"--json": args.json, "--plot": args.plot})
-    result = sensitivity(args.model, args.data, ratios=args.ratios, criterion=args.criterion, recover=args.recover,
-                         stats=args.stats, labels=args.labels, samples=args.samples, exclude=args.exclude,
-                         quiet=args.quiet)
+    options = dict(ratios=args.ratios, criterion=args.criterion, recover=args.recover, stats=args.stats,
+                   labels=args.labels, samples=args.samples, exclude=args.exclude, quiet=args.quiet)
+    if args.ray:
+        from onnxprune.ray.cluster import require_ray
+
+        require_ray()
+        from onnxprune.ray import sensitivity as ray_sensitivity
+
+        result = ray_sensitivity(args.model, args.data, workers=args.workers, address=_address(args.ray), **options)
+    else:
+        result = sensitivity(args.model, args.data, **options)
     print(result.table())
     if args.json:
         save_json(result, args.json)

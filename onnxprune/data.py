@@ -1,9 +1,9 @@
 """Calibration and verification data in every accepted form, streamed batch by batch.
 
-Forms: one `.npz` (keys = input names, leading batch axis), a directory of `.npz` files, ONNX
-`test_data_set_*` folders of TensorProto `.pb` files, `name:file.npy` pairs, and in Python a
-`{name: array}` dict, any iterable of such dicts, or an object with `get_next()` (ONNX Runtime's
-`CalibrationDataReader`). Arrays are read a batch of rows at a time (npz members are decoded from the
+Forms: one `.npz` (keys = input names, leading batch axis), Parquet files and WebDataset-style tar
+shards (`onnxprune.shards`), a directory or a list of such files, ONNX `test_data_set_*` folders of
+TensorProto `.pb` files, `name:file.npy` pairs, and in Python a `{name: array}` dict, any iterable of
+such dicts, or an object with `get_next()` (ONNX Runtime's `CalibrationDataReader`). Arrays are read a batch of rows at a time (npz members are decoded from the
 zip stream, `.npy` files memory-mapped), so memory does not grow with the number of samples. Nothing
 is ever unpickled.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.shards import parquet_rows, shard_batches, shard_kind
 
 Batch = dict[str, np.ndarray]
 DEFAULT_BATCH = 32
@@ -97,6 +98,8 @@ def count_samples(data: DataSource, names: list[str]) -> int | None:
     """Number of samples without reading the arrays, where the form allows it (for progress bars)."""
     if isinstance(data, dict):
         return _rows(data)
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_file() and shard_kind(Path(data)) == "parquet":
+        return parquet_rows(Path(data))
     if isinstance(data, (str, os.PathLike)) and Path(data).is_file() and str(data).endswith(".npz"):
         with zipfile.ZipFile(data) as zf:
             shapes = [_npy_header(zf, n + ".npy")[0] for n in names if n + ".npy" in zf.namelist()]
@@ -128,6 +131,9 @@ def _raw_batches(data: DataSource, batch_size: int, wanted: set[str]) -> Iterato
     elif isinstance(data, (list, tuple)) and data and all(isinstance(s, (str, os.PathLike)) for s in data):
         if len(data) == 1 and ":" not in _pair_name(data[0]):
             yield from _raw_batches(data[0], batch_size, wanted)
+        elif all(Path(s).is_file() for s in data):  # shards, e.g. a shell glob
+            for path in data:
+                yield from _path_batches(str(path), batch_size, wanted)
         else:
             yield from _npy_pairs([str(s) for s in data], batch_size)
     elif isinstance(data, (str, os.PathLike)):
@@ -162,8 +168,11 @@ def _path_batches(text: str, batch_size: int, wanted: set[str]) -> Iterator[Batc
         yield from _dir_batches(path, batch_size, wanted)
     elif path.is_file() and path.suffix == ".npz":
         yield from _npz_batches(path, batch_size, wanted)
+    elif path.is_file() and shard_kind(path):
+        yield from shard_batches(path, batch_size, wanted)
     elif path.is_file():
-        raise InputError(f"{path}: data must be .npz, a directory, a test_data_set folder or name:file.npy")
+        raise InputError(f"{path}: data must be .npz, .parquet, .tar, a directory, a test_data_set folder "
+                         "or name:file.npy")
     else:
         raise InputError(f"{path}: data not found")
 
@@ -177,11 +186,16 @@ def _dir_batches(path: Path, batch_size: int, wanted: set[str]) -> Iterator[Batc
         for folder in sets:
             yield _pb_set(folder)
         return
-    files = sorted(path.glob("*.npz"))
+    files = data_files(path)
     if not files:
-        raise InputError(f"{path}: directory holds no .npz files or test_data_set_* folders")
+        raise InputError(f"{path}: directory holds no .npz, .parquet or .tar files or test_data_set_* folders")
     for file in files:
-        yield from _npz_batches(file, batch_size, wanted)
+        yield from _path_batches(str(file), batch_size, wanted)
+
+
+def data_files(directory: Path) -> list[Path]:
+    """The data files of a directory in name order: .npz, Parquet and tar shards."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and (p.suffix == ".npz" or shard_kind(p)))
 
 
 def _pb_set(folder: Path) -> Batch:

@@ -62,6 +62,8 @@ def html_page(report: PruneReport, sensitivity: "list[Curve] | None" = None, tit
         "<h2>Channels per layer</h2>", _layer_chart(report.layers),
         "<h2>Sensitivity</h2>", _sensitivity_section(sensitivity),
     ]
+    if report.distill is not None:
+        parts += ["<h2>Distillation</h2>", _distill_section(report.distill)]
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul>")
     parts.append("</body></html>")
@@ -193,8 +195,9 @@ def _sensitivity_section(curves: "list[Curve] | None") -> str:
     return _curve_chart(shown) + f'<p class="note">{caption}.</p>'
 
 
-def _curve_chart(curves: list[Curve]) -> str:
-    """A line per group: metric (y) against pruning ratio (x), on shared axes."""
+def _curve_chart(curves: list[Curve], x_label: str = "pruning ratio", chart_id: str = "sensitivity-chart",
+                 label: str = "sensitivity curves", tick_format: str = ".2f") -> str:
+    """A line per curve: metric (y) against pruning ratio or epoch (x), on shared axes."""
     left, top, w, h = 55, 10, 560, 260
     xs = [r for c in curves for r in c.ratios]
     ys = [v for c in curves for v in c.values]
@@ -204,15 +207,15 @@ def _curve_chart(curves: list[Curve]) -> str:
         y0, y1 = y0 - 0.5, y1 + 0.5
     sx = lambda x: left + (x - x0) / (x1 - x0) * w  # noqa: E731
     sy = lambda y: top + h - (y - y0) / (y1 - y0) * h  # noqa: E731
-    out = [f'<svg id="sensitivity-chart" xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" '
-           f'height="{top + h + 40}" role="img" aria-label="sensitivity curves">',
+    out = [f'<svg id="{chart_id}" xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" '
+           f'height="{top + h + 40}" role="img" aria-label="{_e(label)}">',
            f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#999"/>']
     for k in range(5):
         xv, yv = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{top + h + 16}" text-anchor="middle">{xv:.2f}</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{top + h + 16}" text-anchor="middle">{xv:{tick_format}}</text>')
         out.append(f'<text x="{left - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-    out.append(f'<text x="{left + w / 2}" y="{top + h + 34}" text-anchor="middle">pruning ratio</text>')
+    out.append(f'<text x="{left + w / 2}" y="{top + h + 34}" text-anchor="middle">{_e(x_label)}</text>')
     legend = []
     for i, c in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
@@ -222,6 +225,28 @@ def _curve_chart(curves: list[Curve]) -> str:
         legend.append(f'<span><i class="sw" style="background:{color}"></i>{_e(_short(c.name, 40))}</span>')
     out.append("</svg>")
     return "".join(out) + '<p class="legend">' + "".join(legend) + "</p>"
+
+
+def _distill_section(history: dict) -> str:
+    """The distillation after pruning: before/after figures against the original, and the loss
+    curve (training loss per epoch; evaluation loss too when measured)."""
+    keys = [k for k in ("accuracy", "agreement", "cosine", "loss") if k in history["before"]]
+    rows = [[_e(k), f"{history['before'][k]:.4f}", f"{history['after'].get(k, float('nan')):.4f}"] for k in keys]
+    table = ('<table id="distill">' + _row(["on " + _e(history["evaluated_on"]), "before distillation",
+                                               "after"], True) + "".join(_row(r) for r in rows) + "</table>")
+    summary = (f"<p>{len(history['epochs'])} epoch(s) in {history['seconds']:.1f} s, {_e(history['stopped'])} "
+               f"(weights of epoch {history['best_epoch']} kept); losses: "
+               + _e(", ".join(f"{k}: {v}" for k, v in history["losses"].items())) + ".</p>")
+    epochs = history["epochs"]
+    if len(epochs) < 2:
+        return summary + table
+    curves = [Curve("training loss", [e["epoch"] for e in epochs], [e["loss"] for e in epochs], "loss")]
+    if all("loss" in e["eval"] for e in epochs):  # from epoch 0: the pruned model before any training
+        curves.append(Curve(f"loss on {history['evaluated_on']}", [0] + [e["epoch"] for e in epochs],
+                            [history["before"]["loss"]] + [e["eval"]["loss"] for e in epochs], "loss"))
+    chart = _curve_chart(curves, x_label="epoch", chart_id="loss-chart", label="distillation loss per epoch",
+                         tick_format=".3g")
+    return summary + table + chart
 
 
 _LIST_KEYS = ("groups", "results", "curves", "layers", "sensitivity")

@@ -234,30 +234,61 @@ def fpgm(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
     return _normalised_sum(parts, group.size) if parts else l2(group, ctx)
 
 
+GRADIENT_ROLES = ("weight", "bias", "scale")
+"""Members whose w·∂L/∂w sums make a channel's first-order change of the loss when it is removed."""
+
+
+def channel_sums(group: ChannelGroup, per_slot: "dict[tuple[str, int], np.ndarray]") -> tuple[np.ndarray, int]:
+    """Per channel, the sum over the group's weight, bias and scale members of per-index values
+    along each member's axis (`per_slot[(tensor, axis)]`), and how many members had values.
+
+    The taylor criterion and the gradient criteria of `onnxprune.train` share it, so a channel
+    covers the same coupled weights (producer rows, consumer columns, norm scales) in both."""
+    total, used = np.zeros(group.size), 0
+    for m in group.weight_members(GRADIENT_ROLES):
+        values = per_slot.get(m.slot)
+        if values is None:
+            continue
+        total += np.bincount(m.unit, weights=values[m.elem], minlength=group.size)
+        used += 1
+    return total, used
+
+
 def taylor(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
     """|Σ w·∂L/∂w| over every parameter of the channel (Molchanov et al. 2019, first order)."""
     if ctx.gradients is None:
-        raise InputError("criterion 'taylor' needs a gradients .npz keyed by initializer name (--gradients)")
-    total, used = np.zeros(group.size), 0
-    for m in group.weight_members(("weight", "bias", "scale")):
+        raise InputError("criterion 'taylor' needs --data (gradients computed with the train extra) or a "
+                         "gradients .npz keyed by initializer name (--gradients)")
+    per_slot = {}
+    for m in group.weight_members(GRADIENT_ROLES):
         grad = ctx.gradients.get(m.slot[0])
         if grad is None:
             continue
         w = ctx.values(m.slot[0])
         if grad.shape != w.shape:
             raise InputError(f"gradient of {m.slot[0]} has shape {grad.shape}, the weight {w.shape}")
-        prod = per_element(w * grad, m.slot[1]).sum(1)
-        total += np.bincount(m.unit, weights=prod[m.elem], minlength=group.size)
-        used += 1
+        per_slot[m.slot] = per_element(w * grad, m.slot[1]).sum(1)
+    total, used = channel_sums(group, per_slot)
     if not used:
         names = ", ".join(sorted({m.slot[0] for m in group.weight_members()}))
         raise InputError(f"criterion 'taylor': no gradient for any weight of group {group.key} ({names})")
     return np.abs(total)
 
 
+def fisher(group: ChannelGroup, ctx: ScoringContext) -> np.ndarray:
+    """Mean over samples of (Σ w·∂L/∂w)² per channel (Kwon et al. 2022): needs per-sample gradients,
+    which `prune` computes itself from `data` (onnxprune.train.gradients); a gradients file cannot
+    hold them."""
+    raise InputError("criterion 'fisher' is computed from data: give --data (needs the train extra: "
+                     "pip install 'onnxprune[train]')")
+
+
 CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "bn_scale": bn_scale, "random": random, "fpgm": fpgm,
-                                  "activation": activation, "apoz": apoz, "wanda": wanda, "taylor": taylor}
+                                  "activation": activation, "apoz": apoz, "wanda": wanda, "taylor": taylor,
+                                  "fisher": fisher}
 DATA_CRITERIA = ("activation", "apoz", "wanda")
+GRADIENT_CRITERIA = ("taylor", "fisher")
+"""Criteria that `prune` computes from a loss on `data` when no gradients file is given."""
 
 
 def resolve_criterion(criterion: "str | Criterion") -> Criterion:

@@ -90,8 +90,39 @@ def _footer(report: PruneReport) -> list[str]:
         lines.extend(f"  because: {reason}" for reason in report.quantization.reasons)
     elif report.quantize is not None:
         lines.append(f"quantize: {report.quantize} (onnxruntime.quantization)")
+    if report.distill is not None:
+        lines.append(distill_line(report.distill))
+    lines.extend(rounds_table(report.rounds))
     lines.extend(f"note: {n}" for n in report.notes)
     return lines
+
+
+def rounds_table(rounds: list[dict]) -> list[str]:
+    """One line per round of an iterative schedule (`--steps`): size kept and quality after it."""
+    if not rounds:
+        return []
+
+    def fig(value, spec: str = ".4f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'round':<7}{'params':>10}{'MACs':>10}{'params %':>10}{'MACs %':>8}{'accuracy':>10}"
+             f"{'agreement':>11}{'cosine':>9}{'loss':>9}{'s':>7}"]
+    for r in rounds:
+        lines.append(f"{r['step']:<7}{human(r['params']):>10}{human(r['macs']):>10}{r['params_ratio']:>10.1%}"
+                     f"{r['macs_ratio']:>8.1%}{fig(r['accuracy']):>10}{fig(r['agreement']):>11}"
+                     f"{fig(r['cosine']):>9}{fig(r['loss'], '.4g'):>9}{r['seconds']:>7.1f}")
+    return lines
+
+
+def distill_line(history: dict) -> str:
+    """One line on the distillation that followed pruning: epochs, why it stopped, the watched
+    figure (accuracy or agreement with the original) before -> after, final loss, time."""
+    metric = history["metric"]
+    before, after = history["before"].get(metric), history["after"].get(metric)
+    change = f"; {metric} on {history['evaluated_on']} {before:.4f} -> {after:.4f}" if before is not None else ""
+    loss = f"; final loss {history['final_loss']:.4g}" if history.get("final_loss") is not None else ""
+    return (f"distill: {len(history['epochs'])} epoch(s) ({history['stopped']}; weights of epoch "
+            f"{history['best_epoch']} kept){change}{loss}; {history['seconds']:.1f} s")
 
 
 def analysis_listing(analysis: Analysis) -> str:

@@ -12,10 +12,12 @@ import io
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 
+from onnxprune.calibration import Calibration
 from onnxprune.data import batch_size_for, is_one_shot, iter_batches, model_inputs, spool
 from onnxprune.errors import InputError
 from onnxprune.ir import atomic_write_bytes
@@ -149,33 +151,60 @@ class _Evaluator:
         return self.error(outputs), self.accuracy(outputs)
 
 
+PlanRunner = Callable[[onnx.ModelProto, list[Plan], Calibration, "_Evaluator", bool],
+                      list[tuple[float, float | None]]]
+"""Evaluates plans (each prunes one group at one ratio) and returns (error, accuracy) per plan, in
+order; the last argument is `quiet`. `run_serially` here, or Ray tasks (`onnxprune.ray`)."""
+
+
 def sensitivity(model, data=None, *, ratios=DEFAULT_RATIOS, criterion="l1", recover: str | None = "none",
                 stats=None, labels: str = "label", samples: int = EVAL_SAMPLES, exclude=(), seed: int = 0,
-                quiet: bool = False) -> SensitivityResult:
+                quiet: bool = False, runner: PlanRunner | None = None) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the damage on `data`.
 
     A one-shot `data` (generator, `get_next()` reader) is spooled once to a temporary .npz
-    directory: statistics and the evaluation both read it."""
+    directory: statistics and the evaluation both read it. `runner` decides where the
+    (group, ratio) evaluations run (default: one after another in this process)."""
     from onnxprune.api import analyze
-    from onnxprune.calibration import Calibration
     from onnxprune.importance import score_groups
     from onnxprune.ir import load_model
 
     if data is not None and is_one_shot(data):
         with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
             return sensitivity(model, spool(data, tmp), ratios=ratios, criterion=criterion, recover=recover,
-                               stats=stats, labels=labels, samples=samples, exclude=exclude, seed=seed, quiet=quiet)
+                               stats=stats, labels=labels, samples=samples, exclude=exclude, seed=seed, quiet=quiet,
+                               runner=runner)
     original = load_model(model)
     analysis = analyze(original, exclude=exclude)
     calib = Calibration.prepare(original, analysis, data=data, stats=stats, criterion=criterion, recover=recover,
                                 quiet=quiet)
     scores = score_groups(analysis, criterion, seed, stats=calib.stats, gradients=calib.gradients)
-    return _measure(original, analysis, scores, calib, data, list(ratios), criterion, labels, samples, seed, quiet)
+    return _measure(original, analysis, scores, calib, data, list(ratios), criterion, labels, samples, seed, quiet,
+                    runner)
 
 
-def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterion, labels, samples, seed, quiet
-             ) -> SensitivityResult:
+def evaluate_plan(original: onnx.ModelProto, plan: Plan, calib: Calibration, evaluator: "_Evaluator"
+                  ) -> tuple[float, float | None]:
+    """(relative output error, top-1 accuracy or None) of the original pruned by `plan`: one point
+    of a curve, a pure function of its arguments, so it can run in any process."""
     from onnxprune.api import prune
+
+    # lstsq-seq re-reads the calibration data layer by layer, so it must travel along
+    pruned = prune(original, plan=plan, stats=calib.stats, recover=calib.recover,
+                   data=calib.data if calib.recover == "lstsq-seq" else None,
+                   gradients=calib.gradients, quiet=True).model
+    return evaluator.measure(pruned)
+
+
+def run_serially(original: onnx.ModelProto, plans: list[Plan], calib: Calibration, evaluator: "_Evaluator",
+                 quiet: bool = True) -> list[tuple[float, float | None]]:
+    """The default `PlanRunner`: one plan after another in this process."""
+    return [evaluate_plan(original, plan, calib, evaluator)
+            for plan in progress(plans, "sensitivity", quiet, unit="point")]
+
+
+def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterion, labels, samples, seed, quiet,
+             runner: PlanRunner | None = None) -> SensitivityResult:
     from onnxprune.cost import CostModel
 
     if any(not 0.0 < r < 1.0 for r in ratios):
@@ -183,25 +212,20 @@ def _measure(original, analysis: Analysis, scores, calib, data, ratios, criterio
     evaluator = _Evaluator(original, data, labels, samples, seed)
     base = evaluator.accuracy(evaluator.reference)
     cost = CostModel(analysis)
-    curves = []
-    for group in progress(analysis.prunable, "sensitivity", quiet, unit="group"):
-        curve = GroupCurve(group.key, list(group.producers), group.size, list(ratios), [],
-                           [] if base is not None else None)
-        for ratio in ratios:
-            remove = planned_units(group, scores[group.id], group_keep(group, ratio))
-            plan = Plan([GroupPlan(group.key, group.size, remove)])
-            # lstsq-seq re-reads the calibration data layer by layer, so it must travel along
-            pruned = prune(original, plan=plan, stats=calib.stats, recover=calib.recover,
-                           data=calib.data if calib.recover == "lstsq-seq" else None,
-                           gradients=calib.gradients, quiet=True).model
-            err, acc = evaluator.measure(pruned)
-            curve.error.append(err)
-            curve.macs.append(cost.evaluate({group.id: np.array(remove, dtype=np.int64)})[0])
-            if acc is not None:
-                curve.accuracy.append(acc)
-        curves.append(curve)
+    points = [(group, ratio, planned_units(group, scores[group.id], group_keep(group, ratio)))
+              for group in analysis.prunable for ratio in ratios]
+    plans = [Plan([GroupPlan(group.key, group.size, remove)]) for group, _, remove in points]
+    measured = (runner or run_serially)(original, plans, calib, evaluator, quiet)
+    curves = {}
+    for (group, _, remove), (err, acc) in zip(points, measured):
+        curve = curves.setdefault(group.id, GroupCurve(group.key, list(group.producers), group.size, list(ratios),
+                                                       [], [] if base is not None else None))
+        curve.error.append(err)
+        curve.macs.append(cost.evaluate({group.id: np.array(remove, dtype=np.int64)})[0])
+        if acc is not None:
+            curve.accuracy.append(acc)
     name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom")
-    return SensitivityResult(curves, name, calib.recover, evaluator.samples, base)
+    return SensitivityResult(list(curves.values()), name, calib.recover, evaluator.samples, base)
 
 
 def auto_plan(original: onnx.ModelProto, analysis: Analysis, scores: dict[int, np.ndarray], calib, data, *,

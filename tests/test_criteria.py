@@ -101,7 +101,9 @@ def test_custom_criterion_callable_and_module_function(model, tmp_path, monkeypa
 
 def test_every_named_criterion_prunes_a_model_that_checks(model, feeds, tmp_path):
     np.savez(tmp_path / "g.npz", **{k: np.ones_like(v) for k, v in _weights(model).items()})
-    for name in onnxprune.importance.CRITERIA:
+    for name in onnxprune.importance.CRITERIA:  # fisher needs per-sample gradients: tests/test_gradients.py
+        if name == "fisher":
+            continue
         result = onnxprune.prune(model, criterion=name, data=feeds, gradients=tmp_path / "g.npz", recover="none")
         onnx.checker.check_model(result.model, full_check=True)
         assert result.report.channels_removed == 4, name

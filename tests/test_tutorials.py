@@ -5,7 +5,7 @@ tutorial, with ONNXPRUNE_REPO set to the repository root and this interpreter's 
 `python` first on PATH. Every block is its own process: files carry over from block to block,
 Python variables do not. Blocks tagged anything else (```text, ```console) are not run. A tutorial
 whose text holds `<!-- requires: mod1, mod2 -->` is skipped when a module is missing, and is marked
-`zoo` (torch, torchvision, transformers) or `keras` (tensorflow, keras, tf2onnx) like the export tests.
+`zoo` (torch, torchvision, transformers), `keras` (tensorflow, keras, tf2onnx) or `ray` like the export tests.
 """
 
 import os
@@ -21,7 +21,7 @@ TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.md"))
 BLOCK = re.compile(r"^```(bash|python)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 REQUIRES = re.compile(r"<!--\s*requires:\s*(.*?)\s*-->")
 MARKERS = {"zoo": {"torch", "torchvision", "transformers", "onnxscript"},
-           "keras": {"tensorflow", "keras", "tf2onnx"}}
+           "keras": {"tensorflow", "keras", "tf2onnx"}, "ray": {"ray"}}
 BLOCK_TIMEOUT_S = 300
 
 

@@ -309,26 +309,57 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
+@dataclass
+class Recipe:
+    """What a statistics run exposes and sums: small and picklable, so a worker on another machine
+    can accumulate shards with only the model and this (no analysis there)."""
+
+    fingerprint: str
+    inputs: list[str]
+    slots: list[Slot]
+    sources: dict[str, RowSource]
+    batch_size: int
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, analysis: Analysis, grams: bool = True,
+           batch_size: int | None = None) -> "Recipe":
+        return cls(fingerprint(model), model_inputs(model), stat_slots(analysis),
+                   consumers(analysis) if grams else {}, batch_size or batch_size_for(model, STATS_BATCH))
+
+    @property
+    def exposed(self) -> list[str]:
+        return sorted({s[0] for s in self.slots} | {s.input for s in self.sources.values()})
+
+
+class Accumulator:
+    """One ONNX Runtime session adding batches into a `Statistics`."""
+
+    def __init__(self, model: onnx.ModelProto, recipe: Recipe) -> None:
+        from onnxprune.verify import session
+
+        self.recipe = recipe
+        self.session = session(expose_outputs(model, recipe.exposed))
+
+    def add(self, stats: Statistics, batch: dict[str, np.ndarray]) -> None:
+        names = self.recipe.exposed
+        try:
+            values = dict(zip(names, self.session.run(names, batch)))
+        except Exception as exc:  # ORT raises its own types for wrong shapes or dtypes
+            raise InputError(f"data does not fit the model: {str(exc).splitlines()[0][:300]}") from None
+        _accumulate(stats, values, self.recipe.slots, self.recipe.sources)
+        stats.samples += int(np.shape(next(iter(batch.values())))[0]) if batch else 0
+
+
 def collect(model: onnx.ModelProto, analysis: Analysis, data: DataSource, *, grams: bool = True,
             batch_size: int | None = None, limit: int | None = None, quiet: bool = False) -> Statistics:
     """Run the model over `data` and accumulate the statistics of every prunable group."""
-    from onnxprune.verify import session
-
-    slots = stat_slots(analysis)
-    sources = consumers(analysis) if grams else {}
-    names = sorted({s[0] for s in slots} | {s.input for s in sources.values()})
-    sess = session(expose_outputs(model, names))
-    stats = Statistics(fingerprint(model))
-    inputs = model_inputs(model)
-    total, size = count_samples(data, inputs), batch_size or batch_size_for(model, STATS_BATCH)
-    batches = iter_batches(data, inputs, size, limit=limit)
+    recipe = Recipe.of(model, analysis, grams, batch_size)
+    accumulator = Accumulator(model, recipe)
+    stats = Statistics(recipe.fingerprint)
+    total, size = count_samples(data, recipe.inputs), recipe.batch_size
+    batches = iter_batches(data, recipe.inputs, size, limit=limit)
     for batch in progress(batches, "statistics", quiet, unit="batch", total=None if total is None else -(-total // size)):
-        try:
-            values = dict(zip(names, sess.run(names, batch)))
-        except Exception as exc:  # ORT raises its own types for wrong shapes or dtypes
-            raise InputError(f"data does not fit the model: {str(exc).splitlines()[0][:300]}") from None
-        _accumulate(stats, values, slots, sources)
-        stats.samples += int(np.shape(next(iter(batch.values())))[0]) if batch else 0
+        accumulator.add(stats, batch)
     if stats.samples == 0:
         raise InputError("no calibration samples were read from the data")
     return stats

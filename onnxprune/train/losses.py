@@ -1,0 +1,234 @@
+"""Distillation losses: which loss each output gets, and the per-batch loss from student outputs,
+teacher outputs and labels.
+
+The per-batch function (`batch_loss`) is free of any training-loop state so that other loops
+(gradient criteria, data-parallel training) compute exactly the same loss. Torch is imported
+inside the functions that need it: planning the losses works without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+LOSS_KINDS = ("kl", "mse", "cosine")
+"""kl: KL divergence of temperature-softened class distributions; mse: mean squared error;
+cosine: 1 - cosine similarity along the last axis."""
+
+LOGIT_PRODUCERS = {"Gemm", "MatMul", "Add", "Softmax", "LogSoftmax"}
+"""Ops whose rank-2 output is taken for class scores: a linear layer (with or without a separate
+bias Add) or a softmax. A pooled embedding ends in Tanh, ReduceMean, Div (normalisation), ..."""
+EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "state")
+PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class OutputLoss:
+    """The loss one graph output gets. `probabilities`: the output is a softmax, so KL works on
+    its logarithm (its logits up to a constant)."""
+
+    name: str
+    kind: str
+    probabilities: bool = False
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """Every term of the distillation loss: per-output terms, feature matching at intermediate
+    tensors (mean squared error), and cross-entropy on `label_output` when labels are given."""
+
+    outputs: tuple[OutputLoss, ...]
+    temperature: float = 2.0
+    match: tuple[str, ...] = ()
+    label_output: str | None = None
+    label_weight: float = 1.0
+    match_weight: float = 1.0
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+
+def looks_like_logits(model: onnx.ModelProto, output: str) -> bool:
+    """The default-loss heuristic: a float output of rank 2 whose second dimension is not fixed
+    to 1, produced (through Identity/Flatten/Reshape/Squeeze/Cast) by Gemm, MatMul, Add, Softmax or
+    LogSoftmax, and whose name does not suggest an embedding (embed, pool, hidden, feature, vector,
+    state). Everything else is an embedding or a feature map and gets MSE."""
+    info = next((o for o in model.graph.output if o.name == output), None)
+    if info is None or not info.type.HasField("tensor_type"):
+        return False
+    tensor = info.type.tensor_type
+    if tensor.elem_type not in FLOAT_TYPES:
+        return False
+    if not tensor.HasField("shape") or len(tensor.shape.dim) != 2:
+        return False
+    classes = tensor.shape.dim[1]
+    if classes.HasField("dim_value") and classes.dim_value < 2:
+        return False
+    if any(word in output.lower() for word in EMBEDDING_WORDS):
+        return False
+    return _producer_op(model, output) in LOGIT_PRODUCERS
+
+
+def _producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
+    """The op that computes `tensor`, looking through shape-only and identity ops."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    seen = set()
+    while tensor in producers and tensor not in seen:
+        seen.add(tensor)
+        node = producers[tensor]
+        if node.op_type not in PASS_THROUGH or not node.input:
+            return node.op_type
+        tensor = node.input[0]
+    return None
+
+
+def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto", temperature: float = 2.0,
+                match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0
+                ) -> LossPlan:
+    """Choose each float output's loss (integer outputs, e.g. an arg-max, carry no gradient and are
+    left out). `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
+    one kind for every output, or `{output: kind}` (outputs not named get 'auto'). With `labels`,
+    cross-entropy applies to the first output that looks like logits (refused when none does)."""
+    if temperature <= 0 or not np.isfinite(temperature):
+        raise InputError(f"temperature must be a positive number, got {temperature:g}")
+    names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+    if not names:
+        raise InputError("the model has no float output to distil")
+    chosen = _chosen_kinds(loss, names)
+    outputs = []
+    for name in names:
+        kind = chosen.get(name, "auto")
+        logits = looks_like_logits(model, name)
+        if kind == "auto":
+            kind = "kl" if logits else "mse"
+        probabilities = kind == "kl" and _producer_op(model, name) == "Softmax"
+        outputs.append(OutputLoss(name, kind, probabilities))
+    label_output = None
+    if labels:
+        label_output = next((n for n in names if looks_like_logits(model, n)), None)
+        if label_output is None:
+            raise InputError("labels given but no output looks like class logits (a float [batch, classes] output "
+                             "of a linear layer or softmax); cross-entropy needs one")
+    if label_weight < 0 or not np.isfinite(label_weight):
+        raise InputError(f"label weight must be >= 0, got {label_weight:g}")
+    return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight))
+
+
+def _chosen_kinds(loss: "str | Mapping[str, str]", names: list[str]) -> dict[str, str]:
+    if isinstance(loss, str):
+        _check_kind(loss, allow_auto=True)
+        return {n: loss for n in names}
+    unknown = sorted(set(loss) - set(names))
+    if unknown:
+        raise InputError(f"loss given for unknown output(s) {', '.join(unknown)}; outputs are {', '.join(names)}")
+    for kind in loss.values():
+        _check_kind(kind, allow_auto=True)
+    return dict(loss)
+
+
+def _check_kind(kind: str, allow_auto: bool) -> None:
+    kinds = LOSS_KINDS + (("auto",) if allow_auto else ())
+    if kind not in kinds:
+        raise InputError(f"loss must be one of {', '.join(kinds)}, got {kind!r}")
+
+
+def parse_loss_option(values: "list[str] | None") -> "str | dict[str, str]":
+    """CLI `--loss` values: one KIND for every output, or OUTPUT=KIND pairs."""
+    if not values:
+        return "auto"
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    pairs = {}
+    for value in values:
+        name, sep, kind = value.rpartition("=")
+        if not sep or not name:
+            raise InputError(f"--loss {value!r}: give one KIND, or OUTPUT=KIND for each output")
+        pairs[name] = kind
+    return pairs
+
+
+def kl_loss(student: "torch.Tensor", teacher: "torch.Tensor", temperature: float,
+            probabilities: bool = False) -> "torch.Tensor":
+    """KL(teacher || student) of the class distributions softened by `temperature`, averaged over
+    samples and scaled by T² (Hinton et al.) so gradients keep their size across temperatures.
+    Classes lie on the last axis; every other axis counts as samples."""
+    import torch.nn.functional as F
+
+    if probabilities:
+        student, teacher = (x.clamp_min(1e-12).log() for x in (student, teacher))
+    classes = student.shape[-1]
+    s = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
+    t = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def mse_loss(student: "torch.Tensor", teacher: "torch.Tensor") -> "torch.Tensor":
+    import torch.nn.functional as F
+
+    return F.mse_loss(student, teacher)
+
+
+def cosine_loss(student: "torch.Tensor", teacher: "torch.Tensor") -> "torch.Tensor":
+    """Mean of 1 - cosine similarity along the last axis (direction only: embeddings compared
+    by cosine at search time need not keep their norm)."""
+    import torch.nn.functional as F
+
+    return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).mean()
+
+
+def cross_entropy_loss(logits: "torch.Tensor", labels: "torch.Tensor", probabilities: bool = False
+                       ) -> "torch.Tensor":
+    import torch.nn.functional as F
+
+    if probabilities:
+        logits = logits.clamp_min(1e-12).log()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
+
+
+def output_loss(term: OutputLoss, student: "torch.Tensor", teacher: "torch.Tensor", temperature: float
+                ) -> "torch.Tensor":
+    if student.shape != teacher.shape:
+        raise InputError(f"output {term.name}: student shape {tuple(student.shape)} differs from the teacher's "
+                         f"{tuple(teacher.shape)}")
+    if term.kind == "kl":
+        return kl_loss(student, teacher, temperature, term.probabilities)
+    if term.kind == "cosine":
+        return cosine_loss(student, teacher)
+    return mse_loss(student, teacher)
+
+
+def batch_loss(plan: LossPlan, student: "Mapping[str, torch.Tensor]", teacher: "Mapping[str, torch.Tensor]",
+               labels: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, dict[str, float]]":
+    """The distillation loss of one batch and its parts by name (`kl:logits`, `match:h1`, `ce`).
+
+    `student` holds the student's outputs and captured `plan.match` tensors, `teacher` the same
+    names from the teacher (float tensors, no gradient); `labels` enables the cross-entropy term."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float32)
+    parts = {}
+    for term in plan.outputs:
+        value = output_loss(term, student[term.name].float(), teacher[term.name].float(), plan.temperature)
+        parts[f"{term.kind}:{term.name}"] = value
+        total = total + value
+    for name in plan.match:
+        s, t = student[name].float(), teacher[name].float()
+        if s.shape != t.shape:
+            raise InputError(f"--match {name}: student shape {tuple(s.shape)} differs from the teacher's "
+                             f"{tuple(t.shape)}; only tensors of equal shape can be matched")
+        value = mse_loss(s, t) * plan.match_weight
+        parts[f"match:{name}"] = value
+        total = total + value
+    if labels is not None and plan.label_output is not None and plan.label_weight > 0:
+        probabilities = any(t.probabilities for t in plan.outputs if t.name == plan.label_output)
+        value = cross_entropy_loss(student[plan.label_output].float(), labels, probabilities) * plan.label_weight
+        parts["ce"] = value
+        total = total + value
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,156 @@
+"""Distillation through the Python API on tiny real graphs: it learns, it keeps the graph, it is
+reproducible, and its options do what they say."""
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from distill_models import (INPUT, images, labelled, perturbed, pruned_student, structure, tiny_classifier)
+from onnxprune.errors import InputError
+from onnxprune.train.distill import DistillOptions, run_distillation
+from onnxprune.verify import session
+
+pytest.importorskip("torch")
+
+FAST = dict(epochs=5, lr=1e-2, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = tiny_classifier()
+    return teacher, pruned_student(teacher)
+
+
+def _agreement(student, teacher, x):
+    return float(np.mean(session(student).run(None, {INPUT: x})[0].argmax(1)
+                         == session(teacher).run(None, {INPUT: x})[0].argmax(1)))
+
+
+def test_distillation_lowers_loss_and_raises_agreement(pair):
+    teacher, student = pair
+    held_out = images(seed=7)
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, **FAST)
+    h = result.history
+    assert h.epochs[-1].loss < 0.5 * h.epochs[0].loss
+    assert h.after["loss"] < 0.5 * h.before["loss"]
+    assert h.after["agreement"] > h.before["agreement"] + 0.1
+    assert _agreement(result.model, teacher, held_out) > _agreement(student, teacher, held_out) + 0.1
+    assert h.torch_vs_ort_max_rel is not None and h.torch_vs_ort_max_rel <= 1e-4
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_only_initializer_values_change_and_inputs_are_untouched(pair):
+    teacher, student = pair
+    before = student.SerializeToString(), teacher.SerializeToString()
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, **FAST)
+    assert (student.SerializeToString(), teacher.SerializeToString()) == before
+    assert structure(result.model) == structure(student)
+    changed = [a.name for a, b in zip(student.graph.initializer, result.model.graph.initializer)
+               if not np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))]
+    assert len(changed) >= 4
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(pair, tmp_path):
+    teacher, student = pair
+    data = {INPUT: images()}
+    runs = [onnxprune.distill(student, teacher, data, augment=True, seed=s, **FAST) for s in (3, 3, 4)]
+    for i, r in enumerate(runs):
+        r.save(tmp_path / f"{i}.onnx")
+    assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "1.onnx").read_bytes()
+    assert (tmp_path / "0.onnx").read_bytes() != (tmp_path / "2.onnx").read_bytes()
+
+
+def test_freeze_bn_keeps_batchnorm_values(pair):
+    teacher, student = pair
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, freeze_bn=True, **FAST)
+    bn = next(n for n in student.graph.node if n.op_type == "BatchNormalization")
+    old = {i.name: onnx.numpy_helper.to_array(i) for i in student.graph.initializer}
+    new = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for name in bn.input[1:]:
+        np.testing.assert_array_equal(old[name], new[name])
+    assert any(not np.array_equal(old[n], new[n]) for n in old if n not in bn.input and old[n].size > 1)
+
+
+def test_labels_add_cross_entropy_and_eval_reports_accuracy(pair):
+    teacher, student = pair
+    data, held_out = labelled(teacher), labelled(teacher, seed=5)
+    result = onnxprune.distill(student, teacher, data, eval_data=held_out, labels="label", **FAST)
+    h = result.history
+    assert "ce" in h.epochs[0].parts and h.metric == "accuracy" and h.evaluated_on == "eval data"
+    assert h.after["accuracy"] > h.before["accuracy"]
+    # the best epoch's weights are kept: the final figure is the best one measured
+    assert h.after["accuracy"] == pytest.approx(max([h.before["accuracy"]] + [e.eval["accuracy"] for e in h.epochs]))
+
+
+def test_early_stopping_and_time_budget(pair):
+    teacher, student = pair
+    data = {INPUT: images()}
+    stopped = onnxprune.distill(student, teacher, data, eval_data={INPUT: images(9)}, epochs=40, lr=1e-2,
+                                patience=1, quiet=True).history
+    assert stopped.stopped == "early stop" and len(stopped.epochs) < 40
+    budget = onnxprune.distill(student, teacher, data, epochs=1000, max_minutes=0.02, quiet=True).history
+    assert budget.stopped == "time budget" and len(budget.epochs) < 1000 and budget.seconds < 10
+
+
+def test_feature_matching_on_a_tensor_of_equal_shape():
+    teacher = tiny_classifier()
+    student = perturbed(teacher)
+    relu = next(n.output[0] for n in teacher.graph.node if n.op_type == "Relu")
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, match=[relu], **FAST)
+    parts = [e.parts[f"match:{relu}"] for e in result.history.epochs]
+    assert parts[-1] < parts[0]
+
+
+def test_feature_matching_refuses_pruned_shapes_and_unknown_tensors(pair):
+    teacher, student = pair
+    relu = next(n.output[0] for n in teacher.graph.node if n.op_type == "Relu")
+    with pytest.raises(InputError, match=f"--match {relu}: .*only tensors of equal shape"):
+        onnxprune.distill(student, teacher, {INPUT: images()}, match=[relu], **FAST)
+    with pytest.raises(InputError, match="--match nope: no node of the student"):
+        onnxprune.distill(student, teacher, {INPUT: images()}, match=["nope"], **FAST)
+
+
+def test_one_shot_data_and_embedding_outputs_distil_with_no_options():
+    """A generator is read once and spooled; a Tanh (pooled-embedding) output gets MSE."""
+    teacher = tiny_classifier()
+    teacher.graph.node[-1].op_type = "Tanh"  # logits -> an embedding-like output
+    student = perturbed(teacher)
+    batches = ({INPUT: images(s, 32)} for s in range(3))
+    result = onnxprune.distill(student, teacher, batches, **FAST)
+    assert result.history.losses == {"logits": "mse"} and result.history.metric == "cosine"
+    assert result.history.after["cosine"] > result.history.before["cosine"]
+
+
+def test_nan_loss_is_an_input_error(pair):
+    teacher, student = pair
+    x = images()
+    x[5, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="loss became nan"):
+        run_distillation(student, teacher, {INPUT: x}, DistillOptions(quiet=True, batch=8))
+
+
+def test_shuffled_batches_mix_rows_only_of_equal_shape_and_keep_every_row():
+    from onnxprune.train.distill import shuffled_batches
+
+    chunks = [{"ids": np.full((n, length), i, dtype=np.int64), "row": np.arange(n) + 100 * i}
+              for i, (n, length) in enumerate([(5, 7), (6, 4), (5, 7), (3, 4)])]
+    first = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",)))
+    again = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",)))
+    rows = sorted(int(r) for b in first for r in b["row"])
+    assert rows == sorted(int(r) for c in chunks for r in c["row"])  # every row exactly once
+    lengths = {i: c["ids"].shape[1] for i, c in enumerate(chunks)}
+    assert all(lengths[int(i)] == b["ids"].shape[1] and len(b["ids"]) <= 4 for b in first for i in b["ids"][:, 0])
+    assert [b["row"].tolist() for b in first] == [b["row"].tolist() for b in again]
+    assert [b["row"].tolist() for b in first] != [c["row"][:4].tolist() for c in chunks]  # shuffled
+    kept = list(shuffled_batches(chunks, ["ids"], 4, np.random.default_rng(0), extra=("row",), drop_partial=True))
+    assert all(len(b["ids"]) == 4 for b in kept) and sum(len(b["ids"]) for b in kept) == 16
+
+
+def test_without_eval_data_a_worse_student_is_never_returned():
+    teacher = tiny_classifier()
+    student = perturbed(teacher, scale=0.01)  # already close: a huge learning rate can only hurt
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, epochs=2, lr=0.5, quiet=True)
+    h = result.history
+    assert h.epochs and h.best_epoch == 0 and h.after == h.before
+    assert result.model.SerializeToString() == student.SerializeToString()

@@ -1,0 +1,136 @@
+"""Distillation losses on plain torch tensors, the default-loss heuristic on tiny graphs, and the
+modality-aware augmentation."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxprune.errors import InputError
+from onnxprune.train.augment import augment_batch, modality, spatial_axes
+from onnxprune.train.losses import (LossPlan, OutputLoss, batch_loss, cosine_loss, kl_loss, looks_like_logits,
+                                    parse_loss_option, plan_losses)
+
+torch = pytest.importorskip("torch")
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    t = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    assert float(kl_loss(t.clone(), t, 2.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kl_loss(t.flip(-1), t, 2.0)) > 0.1
+
+
+def test_kl_matches_hand_computation_with_temperature_scaling():
+    s, t, T = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 2.0
+    p = torch.softmax(t / T, -1)
+    q = torch.softmax(s / T, -1)
+    expected = float((p * (p.log() - q.log())).sum()) * T * T
+    assert float(kl_loss(s, t, T)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_on_probabilities_equals_kl_on_their_logits():
+    s, t = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), torch.randn(4, 5)
+    direct = kl_loss(s, t, 1.5)
+    via_probs = kl_loss(torch.softmax(s, -1), torch.softmax(t, -1), 1.5, probabilities=True)
+    assert float(via_probs) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_cosine_ignores_scale_but_not_direction():
+    a = torch.tensor([[1.0, 2.0, 3.0]])
+    assert float(cosine_loss(3 * a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_loss(-a, a)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_batch_loss_sums_outputs_matches_and_cross_entropy():
+    plan = LossPlan((OutputLoss("logits", "kl"), OutputLoss("emb", "mse")), 1.0, ("h",), "logits", 0.5)
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    student = {"logits": logits, "emb": torch.ones(2, 3), "h": torch.zeros(2, 4)}
+    teacher = {"logits": torch.tensor([[3.0, 0.0], [0.0, 3.0]]), "emb": torch.zeros(2, 3), "h": torch.ones(2, 4)}
+    total, parts = batch_loss(plan, student, teacher, torch.tensor([1, 1]))
+    assert parts["kl:logits"] == pytest.approx(0.0, abs=1e-6)
+    assert parts["mse:emb"] == pytest.approx(1.0)
+    assert parts["match:h"] == pytest.approx(1.0)
+    ce = float(torch.nn.functional.cross_entropy(logits.detach(), torch.tensor([1, 1]))) * 0.5
+    assert parts["ce"] == pytest.approx(ce, rel=1e-6)
+    assert float(total.detach()) == pytest.approx(sum(parts.values()), rel=1e-6)
+    total.backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_batch_loss_refuses_matched_tensors_of_different_shapes():
+    plan = LossPlan((OutputLoss("y", "mse"),), match=("h",))
+    student = {"y": torch.zeros(2, 2), "h": torch.zeros(2, 3)}
+    teacher = {"y": torch.zeros(2, 2), "h": torch.zeros(2, 4)}
+    with pytest.raises(InputError, match="--match h: .*equal shape"):
+        batch_loss(plan, student, teacher)
+
+
+def _one_output_model(op: str, shape, name: str = "y", elem=TensorProto.FLOAT) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info(name, elem, shape)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+    nodes.append(helper.make_node(op, ["m"], [name]) if op != "MatMul" else helper.make_node("Identity", ["m"], [name]))
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]))
+
+
+@pytest.mark.parametrize("op, shape, name, expected", [
+    ("MatMul", ["N", 4], "logits", True),        # linear layer (through Identity)
+    ("Softmax", ["N", 4], "probs", True),
+    ("Tanh", ["N", 4], "y", False),              # a BERT-style pooled embedding
+    ("MatMul", ["N", 4], "sentence_embedding", False),
+    ("MatMul", ["N", 1], "y", False),            # a single score is a regression target
+    ("MatMul", ["N", 3, 4], "y", False),         # rank 3: token states
+])
+def test_logits_heuristic(op, shape, name, expected):
+    assert looks_like_logits(_one_output_model(op, shape, name), name) is expected
+
+
+def test_plan_losses_defaults_and_overrides():
+    model = _one_output_model("Softmax", ["N", 4], "probs")
+    plan = plan_losses(model)
+    assert plan.outputs == (OutputLoss("probs", "kl", probabilities=True),)
+    assert plan_losses(model, loss={"probs": "cosine"}).outputs[0].kind == "cosine"
+    assert plan_losses(_one_output_model("Tanh", ["N", 4]), labels=False).outputs[0].kind == "mse"
+    with pytest.raises(InputError, match="no output looks like class logits"):
+        plan_losses(_one_output_model("Tanh", ["N", 4]), labels=True)
+    with pytest.raises(InputError, match="unknown output"):
+        plan_losses(model, loss={"nope": "kl"})
+    with pytest.raises(InputError, match="loss must be one of"):
+        plan_losses(model, loss="huber")
+    with pytest.raises(InputError, match="temperature"):
+        plan_losses(model, temperature=0)
+
+
+def test_parse_loss_option():
+    assert parse_loss_option(None) == "auto"
+    assert parse_loss_option(["cosine"]) == "cosine"
+    assert parse_loss_option(["a=kl", "b=mse"]) == {"a": "kl", "b": "mse"}
+    with pytest.raises(InputError):
+        parse_loss_option(["kl", "b=mse"])
+
+
+def test_augmentation_by_modality_is_seeded():
+    images = np.arange(2 * 1 * 6 * 6, dtype=np.float32).reshape(2, 1, 6, 6)
+    tokens = np.arange(12, dtype=np.int64).reshape(2, 6)
+    seq = np.ones((2, 5, 3), dtype=np.float32) * np.arange(3, dtype=np.float32)
+    batch = {"img": images, "ids": tokens, "seq": seq, "label": np.array([0, 1])}
+    a = augment_batch(batch, ["img", "ids", "seq"], np.random.default_rng(3))
+    b = augment_batch(batch, ["img", "ids", "seq"], np.random.default_rng(3))
+    assert [modality(v) for v in (images, tokens, seq)] == ["image", "none", "float"]
+    for key in batch:
+        np.testing.assert_array_equal(a[key], b[key])
+        assert a[key].dtype == batch[key].dtype and a[key].shape == batch[key].shape
+    np.testing.assert_array_equal(a["ids"], tokens)
+    np.testing.assert_array_equal(a["label"], batch["label"])
+    assert not np.array_equal(a["img"], images) and not np.array_equal(a["seq"], seq)
+    assert np.abs(a["seq"] - seq).max() < 0.1  # 1% of the std, not a different input
+
+
+def test_image_shift_moves_pixels_and_zero_fills():
+    images = np.zeros((64, 1, 5, 5), dtype=np.float32)
+    images[:, 0, 2, 2] = 100.0
+    out = augment_batch({"x": images}, ["x"], np.random.default_rng(0))["x"]
+    peaks = {tuple(np.argwhere(o[0] > 50)[0]) for o in out}
+    assert peaks <= {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)} and len(peaks) > 3
+    assert spatial_axes((2, 8, 8, 3)) == (1, 2) and spatial_axes((2, 3, 8, 8)) == (2, 3)
