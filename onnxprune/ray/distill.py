@@ -11,7 +11,6 @@ evaluation are those of `onnxprune.train.distill`; only the gradient averaging i
 from __future__ import annotations
 
 import tempfile
-import time
 
 import onnx
 
@@ -83,6 +82,9 @@ def data_parallel_trainer(rank: int, world: int):
                 part = slice(rank * local, (rank + 1) * local)
                 yield {k: v[part] for k, v in inputs.items()}, (labels[part] if labels is not None else None)
 
+        def engine_error(self):  # rank 0 reports it; the weights are the same on every worker
+            return super().engine_error() if rank == 0 else None
+
         def epoch(self, epoch, deadline):
             record, out_of_time = super().epoch(epoch, deadline)
             if record is not None:  # the loss over the whole global batch, and its sample count
@@ -95,53 +97,23 @@ def data_parallel_trainer(rank: int, world: int):
 
 
 def train_loop(config: dict) -> None:
-    """What each Ray Train worker runs: `run_distillation`'s loop with the data-parallel trainer.
-    Every worker evaluates (same weights, same figures), so early stopping agrees without messages."""
+    """What each Ray Train worker runs: `run_distillation` with the data-parallel trainer. Every
+    worker evaluates (same weights, same figures), so early stopping agrees without messages."""
     import ray
     import ray.train
     import torch
 
-    from onnxprune.train.distill import Evaluation, _score, check_match, check_pair
+    from onnxprune.train.distill import run_distillation
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    options, data, eval_data = config["options"], config["data"], config["eval_data"]
     student = onnx.load_model_from_string(config["student"])
     teacher = onnx.load_model_from_string(config["teacher"])
-    check_pair(student, teacher)
-    check_match(student, teacher, options.match)
-    trainer = data_parallel_trainer(rank, world)(student, teacher, data, options)
-    history = trainer.history
-    evaluation = Evaluation(student, trainer.plan, trainer.batch, eval_data if eval_data is not None else data,
-                            options.eval_labels or options.labels)
-    history.evaluated_on = "eval data" if eval_data is not None else "training data"
-    history.before = evaluation.run(trainer.graph, trainer.teacher)
-    history.metric = evaluation.metric(history.before)
-    best, best_state, stale = _score(history.before, history.metric), trainer.snapshot(), 0
-    first_state, start = best_state, time.monotonic()
-    for epoch in range(1, options.epochs + 1):
-        record, _ = trainer.epoch(epoch, None)
-        record.eval = evaluation.run(trainer.graph, trainer.teacher) if eval_data is not None else {}
-        history.epochs.append(record)
-        score = _score(record.eval, history.metric)
-        if eval_data is None or score > best:
-            best, best_state, stale, history.best_epoch = score, trainer.snapshot(), 0, epoch
-        else:
-            stale += 1
-        if eval_data is not None and stale >= options.patience:
-            history.stopped = "early stop"
-            break
-    trainer.restore(best_state)
-    history.after = (evaluation.run(trainer.graph, trainer.teacher) if eval_data is None else
-                     history.epochs[history.best_epoch - 1].eval if history.best_epoch else dict(history.before))
-    if eval_data is None and history.after["loss"] > history.before["loss"]:
-        trainer.restore(first_state)  # as the single-process run: never worse than the student given
-        history.best_epoch, history.after = 0, dict(history.before)
-    history.seconds = time.monotonic() - start
+    model, history = run_distillation(student, teacher, config["data"], config["options"], config["eval_data"],
+                                      trainer_class=data_parallel_trainer(rank, world))
     if rank == 0:
-        history.torch_vs_ort_max_rel = trainer.engine_error()
-        ray.get(config["sink"].put.remote((trainer.graph.to_onnx().SerializeToString(), history)))
+        ray.get(config["sink"].put.remote((model.SerializeToString(), history)))
 
 
 def distill(student, teacher, data, *, workers: int = 2, address: str | None = None, eval_data=None,

@@ -177,14 +177,16 @@ def _rereadable(data: DataSource | None, directory: str) -> DataSource | None:
 
 
 def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: DataSource, options: DistillOptions,
-                     eval_data: DataSource | None = None) -> tuple[onnx.ModelProto, DistillHistory]:
+                     eval_data: DataSource | None = None, trainer_class: "type[_Trainer] | None" = None
+                     ) -> tuple[onnx.ModelProto, DistillHistory]:
     """The training loop: returns a trained copy of `student` and the history. `data` must be
-    re-readable (paths, dicts, lists); neither model is modified."""
+    re-readable (paths, dicts, lists); neither model is modified. `trainer_class` (a `_Trainer`
+    subclass) changes how batches are read and steps taken, e.g. data-parallel on Ray Train."""
     require_torch()
     options.check()
     check_pair(student, teacher)
     check_match(student, teacher, options.match)
-    trainer = _Trainer(student, teacher, data, options)
+    trainer = (trainer_class or _Trainer)(student, teacher, data, options)
     history = trainer.history
     evaluation = Evaluation(student, trainer.plan, trainer.batch, eval_data if eval_data is not None else data,
                             options.eval_labels or options.labels)
