@@ -4,7 +4,8 @@ To support a new op: add a rule class next to its family (or a new family module
 decorate it with `@register("OpType")`, and add a tiny-graph test in tests/test_ops.py.
 """
 
-from onnxprune.ops import attention, conv, einsum, elementwise, layout, linear, norm, pool  # noqa: F401  (registration)
+from onnxprune.ops import attention, conv, einsum, elementwise, linear, norm, pool  # noqa: F401  (registration)
+from onnxprune.ops import concat_split, pad_resize, repeat, reshape, shape, slice_gather, transpose  # noqa: F401  (registration)
 from onnxprune.ops import recurrent  # noqa: F401  (registration)
 from onnxprune.ops import quant  # noqa: F401  (registration)
 from onnxprune.ops import control_flow  # noqa: F401  (registration)

@@ -92,7 +92,7 @@ class NodeView:
     """False during the walk's first pass: a rule may answer `Defer` instead of guessing."""
     gqa: str = "kv"
     """Unit of grouped-query attention: 'kv' (a KV head with its query heads) or 'query' (query
-    position j of every KV group; K/V repeats shrink instead, see ops/layout.py)."""
+    position j of every KV group; K/V repeats shrink instead, see ops/repeat.py)."""
 
     @property
     def name(self) -> str:
