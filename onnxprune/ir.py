@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,13 +189,18 @@ def _infer(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, "onnx.ModelProto
 
 def _subgraph_value_info(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Inferred shapes inside Loop/Scan/If bodies (the analysis walks Loop and Scan bodies)."""
-    found = []
+    # inference refines body I/O too
+    return [vi for sub in nested_graphs(graph) for vi in (*sub.value_info, *sub.input, *sub.output)]
+
+
+def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every graph held by a node attribute of `graph` (Loop/Scan bodies, If branches), at any
+    depth, each before the graphs nested in it."""
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                found.extend([*sub.value_info, *sub.input, *sub.output])  # inference refines body I/O too
-                found.extend(_subgraph_value_info(sub))
-    return found
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield sub
+                yield from nested_graphs(sub)
 
 
 def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxprune.ir import infer_shapes
+from onnxprune.ir import infer_shapes, nested_graphs
 from onnxprune.streaming import serialized_size
 
 
@@ -55,13 +55,8 @@ def _constant_node_elements(graph: onnx.GraphProto) -> int:
 
 def _subgraph_params(graph: onnx.GraphProto) -> int:
     """Elements of the initializers and Constant nodes inside subgraphs (a Loop body's weights)."""
-    total = 0
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                total += sum(_numel(t.dims) for t in sub.initializer) + _constant_node_elements(sub)
-                total += _subgraph_params(sub)
-    return total
+    return sum(sum(_numel(t.dims) for t in sub.initializer) + _constant_node_elements(sub)
+               for sub in nested_graphs(graph))
 
 
 def count(model: onnx.ModelProto) -> ModelStats:

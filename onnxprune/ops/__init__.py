@@ -5,7 +5,8 @@ decorate it with `@register("OpType")`, and add a tiny-graph test in tests/test_
 """
 
 from onnxprune.ops import attention, conv, einsum, elementwise, linear, norm, pool  # noqa: F401  (registration)
-from onnxprune.ops import concat_split, pad_resize, repeat, reshape, shape, slice_gather, transpose  # noqa: F401  (registration)
+from onnxprune.ops import concat_split, pad_resize, repeat, reshape, shape  # noqa: F401  (registration)
+from onnxprune.ops import slice_gather, transpose  # noqa: F401  (registration)
 from onnxprune.ops import recurrent  # noqa: F401  (registration)
 from onnxprune.ops import quant  # noqa: F401  (registration)
 from onnxprune.ops import control_flow  # noqa: F401  (registration)

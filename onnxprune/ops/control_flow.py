@@ -12,7 +12,7 @@ each body input and output to the outer tensor it is bound to:
 - tensors the body reads from the outer scope (initializers, activations) are shared objects, so
   the walk reaches the body's readers from them without a tie.
 
-On import (`canonicalize_bodies`), a loop-carried value that the body passes through unchanged and
+On import (`passes/canonical.py`), a loop-carried value that the body passes through unchanged and
 that starts as a constant (how tf2onnx and Keras hand a recurrent cell its weights) becomes a
 read of that constant from the outer scope, and the body's Constant nodes become initializers, so
 the weight rules see weights. The trip count, the condition and the iteration number carry no
@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
+from onnxprune.ir import nested_graphs
+from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, per_element, register
 
 BODY_OPS = ("Loop", "Scan")
 """Ops whose body the analysis walks (an `If` still freezes what its branches read)."""
@@ -81,134 +82,7 @@ def body_owners(graph: gs.Graph) -> dict[str, gs.Node]:
     return owners
 
 
-# --- import ----------------------------------------------------------------------------------------
-
-def canonicalize_bodies(graph: gs.Graph) -> None:
-    """Make body names unique across scopes and pass-through carried constants outer-scope reads,
-    and give each body reader private copies of shared small constants and zero states (exact
-    rewrites, see the module docstring; `ir.to_graph` has already made Constant nodes initializers)."""
-    seen = dict(graph.tensors())
-    taken_nodes = {n.name for n in graph.nodes}
-    outputs = {t.name for t in graph.outputs}
-    for node, body in list(bodies(graph)):
-        _unique_names(body, seen, taken_nodes)
-        if node.op == "Loop":
-            _inline_invariants(node, body, outputs)
-            _carried_shapes(node, body)
-    found = list(bodies(graph))
-    for node, body in found:
-        _private_copies(body)
-        _private_fills(graph, node)
-    if found:
-        graph.toposort()  # copied fills run before their loops
-
-
-def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -> None:
-    """Rename body tensors whose name another scope gives to a different tensor, and body nodes
-    whose name is empty or taken (binding is positional, so a body's own names are free to change;
-    outer tensors the body reads are the same objects and keep theirs)."""
-    for name, tensor in body.tensors().items():
-        if name in seen and seen[name] is not tensor:
-            k = 1
-            while f"{name}__{k}" in seen:
-                k += 1
-            tensor.name = f"{name}__{k}"
-        seen[tensor.name] = tensor
-    for index, node in enumerate(body.nodes):
-        if not node.name or node.name in nodes:
-            base = node.name or f"{node.op}_{index}"
-            name, k = base, 0
-            while name in nodes:
-                k += 1
-                name = f"{base}_{k}"
-            node.name = name
-        nodes.add(node.name)
-
-
-def _carried_shapes(loop: gs.Node, body: gs.Graph) -> None:
-    """Pin a carried value's dims that the body input leaves symbolic where the initial value and
-    the body's output agree on a static size (by induction every iteration has it): exporters
-    declare body inputs with symbolic dims (torch.jit.script loops)."""
-    for k in range(len(loop.inputs) - 2):
-        start, inside, result = loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
-        if not all(t.shape is not None for t in (start, inside, result)) or not \
-                len(start.shape) == len(inside.shape) == len(result.shape):
-            continue
-        inside.shape = [int(b) if isinstance(b, (int, np.integer)) and b == c else a
-                        for a, b, c in zip(inside.shape, start.shape, result.shape)]
-
-
-def _private_copies(body: gs.Graph) -> None:
-    """Every body reader of a small constant that others read too gets its own copy, as
-    `split_shared_constants` does in the outer graph (exporters deduplicate equal initializers: two
-    GRU layers' zero biases, once inlined, would otherwise tie the layers' units)."""
-    from onnxprune.passes.canonical import COPY_MARK, SMALL_CONSTANT, set_input
-
-    for node in body.nodes:
-        for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1 and 1 < _size(tensor) <= SMALL_CONSTANT:
-                set_input(node, i, gs.Constant(f"{tensor.name}{COPY_MARK}_{node.name}", np.array(tensor.values, copy=True)))
-
-
-def _private_fills(graph: gs.Graph, owner: gs.Node) -> None:
-    """A zero state (`Expand(0, shape)`, `ConstantOfShape(shape)`) that several loops start from
-    (tf2onnx shares one between the two directions of a Keras Bidirectional) gets one copy per
-    loop, with its own target shape, so their units stay apart."""
-    for i, tensor in enumerate(owner.inputs):
-        producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
-        if producer is None or producer.op not in ("Expand", "ConstantOfShape") or len(tensor.outputs) < 2 \
-                or _fill_value(tensor) is None:
-            continue
-        owner.inputs[i] = _copy_chain(tensor, owner.name, scope_of(graph, producer))
-
-
-TARGET_OPS = ("Expand", "ConstantOfShape", "Cast", "Concat", "Unsqueeze", "Identity")
-"""Ops a zero state and its target shape are built from, copied per reader by `_private_fills`."""
-
-
-def _copy_chain(tensor: gs.Tensor, suffix: str, scope: gs.Graph) -> gs.Tensor:
-    """A private copy of `tensor` for one reader: constants are copied, and so are the TARGET_OPS
-    nodes computing it from them, so each reader's channel count can be rewritten alone; other
-    run-time values (the batch size read by Shape) stay shared."""
-    from onnxprune.passes.canonical import COPY_MARK  # canonical imports this module
-
-    name = f"{tensor.name}{COPY_MARK}_{suffix}"
-    if isinstance(tensor, gs.Constant):
-        return gs.Constant(name, np.array(tensor.values, copy=True))
-    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if producer is None or producer.op not in TARGET_OPS:
-        return tensor
-    inputs = [_copy_chain(t, suffix, scope) for t in producer.inputs]
-    copy = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
-    scope.nodes.append(gs.Node(producer.op, f"{producer.name}_{suffix}", dict(producer.attrs), inputs, [copy]))
-    return copy
-
-
-def _size(tensor: gs.Constant) -> int:
-    return int(np.prod(tensor.shape)) if tensor.shape is not None else 0
-
-
-def _inline_invariants(loop: gs.Node, body: gs.Graph, graph_outputs: set[str]) -> None:
-    """Drop loop-carried values that start as a constant and that the body returns unchanged: the
-    body reads the constant itself, and outer readers of the final value read it too."""
-    from onnxprune.passes.canonical import replace_uses
-
-    carried = len(loop.inputs) - 2
-    drop = []
-    for k in range(carried):
-        start, inside = loop.inputs[2 + k], body.inputs[2 + k]
-        final = loop.outputs[k].name if k < len(loop.outputs) else ""
-        if (isinstance(start, gs.Constant) and body.outputs[1 + k] is inside
-                and sum(t is inside for t in body.outputs) == 1 and final not in graph_outputs):
-            drop.append(k)
-    for k in reversed(drop):
-        start, inside = loop.inputs[2 + k], body.inputs[2 + k]
-        replace_uses(inside, start)
-        if k < len(loop.outputs):
-            replace_uses(loop.outputs[k], start)
-            del loop.outputs[k]
-        del loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
-
+# --- protos (shape inference, export) --------------------------------------------------------------
 
 def loop_output_infos(graph: onnx.GraphProto, known: set[str]) -> list[onnx.ValueInfoProto]:
     """Types for Loop outputs symbolic inference leaves shapeless (a carried value whose initial
@@ -236,16 +110,9 @@ def hoist_shared_initializers(graph: onnx.GraphProto) -> None:
     bodies read: graphsurgeon exports it into each) to the outer graph, once; drop body copies of
     an outer initializer."""
     held: dict[str, list[tuple[onnx.GraphProto, int]]] = {}
-
-    def visit(sub: onnx.GraphProto) -> None:
-        for node in sub.node:
-            for attr in node.attribute:
-                for inner in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    for k, init in enumerate(inner.initializer):
-                        held.setdefault(init.name, []).append((inner, k))
-                    visit(inner)
-
-    visit(graph)
+    for inner in nested_graphs(graph):
+        for k, init in enumerate(inner.initializer):
+            held.setdefault(init.name, []).append((inner, k))
     outer = {t.name for t in graph.initializer}
     shared = {name: places for name, places in held.items() if len(places) > 1 or name in outer}
     for name, places in shared.items():
@@ -415,7 +282,7 @@ def _values_of(table: ValueTable, name: str, view: NodeView) -> dict[int, np.nda
     """Known values per channel axis of an outer tensor (from the table, a constant's slices, or
     the one value a fill such as `Expand(0, shape)` broadcasts)."""
     found = {}
-    fill = _fill_value(view.tensors.get(name))
+    fill = fill_value(view.tensors.get(name))
     for (tensor, axis) in list(table.sizes):
         if tensor == name:
             vals = table.get((tensor, axis))
@@ -432,7 +299,7 @@ FILL_OPS = ("Expand", "Cast", "Identity", "Unsqueeze", "Reshape")
 """Ops that spread or relabel one constant value without changing it."""
 
 
-def _fill_value(tensor: gs.Tensor | None) -> float | None:
+def fill_value(tensor: gs.Tensor | None) -> float | None:
     """The single value every element of `tensor` holds, when it is a constant spread by FILL_OPS
     or a ConstantOfShape; None otherwise."""
     while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1:
@@ -451,7 +318,7 @@ def _fill_value(tensor: gs.Tensor | None) -> float | None:
 
 
 def _const_slices(array: np.ndarray, axis: int) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
+    moved = per_element(np.asarray(array, dtype=np.float64), axis)
     same = np.all(moved == moved[:, :1], axis=1) if moved.shape[1] else np.zeros(len(moved), bool)
     return np.where(same, moved[:, 0] if moved.shape[1] else np.nan, np.nan)
 

@@ -12,6 +12,9 @@ Both rewrites are exact (same values, bit for bit) and only make the channel str
 - The dynamo exporter decomposes `Kᵀ` of scaled dot-product attention into
   Reshape [B·H, S, D] → Transpose → Reshape [B, H, D, S], which merges the head axis with the
   symbolic batch axis; it is one Transpose(perm [0, 1, 3, 2]).
+- Loop/Scan bodies (`canonicalize_bodies`) get names unique across scopes, read pass-through
+  carried constants from the outer scope, and private copies of shared constants and zero states
+  (see ops/control_flow.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.control_flow import all_nodes, all_tensors, canonicalize_bodies
+from onnxprune.ops.control_flow import all_nodes, all_tensors, bodies, fill_value, scope_of
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 from onnxprune.passes import batch_shapes
 
@@ -180,3 +183,122 @@ def _equal(a: gs.Constant, b: gs.Constant) -> bool:
         return False
     va, vb = np.asarray(a.values), np.asarray(b.values)
     return va.dtype == vb.dtype and np.array_equal(va, vb)
+
+
+# --- Loop/Scan bodies -----------------------------------------------------------------------------
+
+def canonicalize_bodies(graph: gs.Graph) -> None:
+    """Make body names unique across scopes and pass-through carried constants outer-scope reads,
+    and give each body reader private copies of shared small constants and zero states (exact
+    rewrites, see ops/control_flow.py; `ir.to_graph` has already made Constant nodes initializers)."""
+    seen = dict(graph.tensors())
+    taken_nodes = {n.name for n in graph.nodes}
+    outputs = {t.name for t in graph.outputs}
+    for node, body in list(bodies(graph)):
+        _unique_names(body, seen, taken_nodes)
+        if node.op == "Loop":
+            _inline_invariants(node, body, outputs)
+            _carried_shapes(node, body)
+    found = list(bodies(graph))
+    for node, body in found:
+        _private_copies(body)
+        _private_fills(graph, node)
+    if found:
+        graph.toposort()  # copied fills run before their loops
+
+
+def _unique_names(body: gs.Graph, seen: dict[str, gs.Tensor], nodes: set[str]) -> None:
+    """Rename body tensors whose name another scope gives to a different tensor, and body nodes
+    whose name is empty or taken (binding is positional, so a body's own names are free to change;
+    outer tensors the body reads are the same objects and keep theirs)."""
+    for name, tensor in body.tensors().items():
+        if name in seen and seen[name] is not tensor:
+            k = 1
+            while f"{name}__{k}" in seen:
+                k += 1
+            tensor.name = f"{name}__{k}"
+        seen[tensor.name] = tensor
+    for index, node in enumerate(body.nodes):
+        if not node.name or node.name in nodes:
+            base = node.name or f"{node.op}_{index}"
+            name, k = base, 0
+            while name in nodes:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+        nodes.add(node.name)
+
+
+def _carried_shapes(loop: gs.Node, body: gs.Graph) -> None:
+    """Pin a carried value's dims that the body input leaves symbolic where the initial value and
+    the body's output agree on a static size (by induction every iteration has it): exporters
+    declare body inputs with symbolic dims (torch.jit.script loops)."""
+    for k in range(len(loop.inputs) - 2):
+        start, inside, result = loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
+        if not all(t.shape is not None for t in (start, inside, result)) or not \
+                len(start.shape) == len(inside.shape) == len(result.shape):
+            continue
+        inside.shape = [int(b) if isinstance(b, (int, np.integer)) and b == c else a
+                        for a, b, c in zip(inside.shape, start.shape, result.shape)]
+
+
+def _private_copies(body: gs.Graph) -> None:
+    """Every body reader of a small constant that others read too gets its own copy, as
+    `split_shared_constants` does in the outer graph (exporters deduplicate equal initializers: two
+    GRU layers' zero biases, once inlined, would otherwise tie the layers' units)."""
+    for node in body.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1 and 1 < _size(tensor) <= SMALL_CONSTANT:
+                set_input(node, i, gs.Constant(f"{tensor.name}{COPY_MARK}_{node.name}", np.array(tensor.values, copy=True)))
+
+
+def _private_fills(graph: gs.Graph, owner: gs.Node) -> None:
+    """A zero state (`Expand(0, shape)`, `ConstantOfShape(shape)`) that several loops start from
+    (tf2onnx shares one between the two directions of a Keras Bidirectional) gets one copy per
+    loop, with its own target shape, so their units stay apart."""
+    for i, tensor in enumerate(owner.inputs):
+        producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
+        if producer is None or producer.op not in ("Expand", "ConstantOfShape") or len(tensor.outputs) < 2 \
+                or fill_value(tensor) is None:
+            continue
+        owner.inputs[i] = _copy_chain(tensor, owner.name, scope_of(graph, producer))
+
+
+TARGET_OPS = ("Expand", "ConstantOfShape", "Cast", "Concat", "Unsqueeze", "Identity")
+"""Ops a zero state and its target shape are built from, copied per reader by `_private_fills`."""
+
+
+def _copy_chain(tensor: gs.Tensor, suffix: str, scope: gs.Graph) -> gs.Tensor:
+    """A private copy of `tensor` for one reader: constants are copied, and so are the TARGET_OPS
+    nodes computing it from them, so each reader's channel count can be rewritten alone; other
+    run-time values (the batch size read by Shape) stay shared."""
+    name = f"{tensor.name}{COPY_MARK}_{suffix}"
+    if isinstance(tensor, gs.Constant):
+        return gs.Constant(name, np.array(tensor.values, copy=True))
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op not in TARGET_OPS:
+        return tensor
+    inputs = [_copy_chain(t, suffix, scope) for t in producer.inputs]
+    copy = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
+    scope.nodes.append(gs.Node(producer.op, f"{producer.name}_{suffix}", dict(producer.attrs), inputs, [copy]))
+    return copy
+
+
+def _inline_invariants(loop: gs.Node, body: gs.Graph, graph_outputs: set[str]) -> None:
+    """Drop loop-carried values that start as a constant and that the body returns unchanged: the
+    body reads the constant itself, and outer readers of the final value read it too."""
+    carried = len(loop.inputs) - 2
+    drop = []
+    for k in range(carried):
+        start, inside = loop.inputs[2 + k], body.inputs[2 + k]
+        final = loop.outputs[k].name if k < len(loop.outputs) else ""
+        if (isinstance(start, gs.Constant) and body.outputs[1 + k] is inside
+                and sum(t is inside for t in body.outputs) == 1 and final not in graph_outputs):
+            drop.append(k)
+    for k in reversed(drop):
+        start, inside = loop.inputs[2 + k], body.inputs[2 + k]
+        replace_uses(inside, start)
+        if k < len(loop.outputs):
+            replace_uses(loop.outputs[k], start)
+            del loop.outputs[k]
+        del loop.inputs[2 + k], body.inputs[2 + k], body.outputs[1 + k]
