@@ -124,11 +124,11 @@ def _check_parts(group: ChannelGroup, remove: np.ndarray) -> None:
                          "and keep at least one")
 
 
-def group_keep(group: ChannelGroup, ratio: float, round_to: int = 1, min_keep: int = 1) -> int:
-    """Channels a group keeps when removing `ratio` of them; an equal-count group keeps
-    `keep_count` of each part (rounded per part), so the total is a multiple of the parts."""
+def group_keep(group: ChannelGroup, ratio: float) -> int:
+    """Channels a group keeps when removing `ratio` of them (exact counts: `rounding` rounds them);
+    an equal-count group keeps `keep_count` of each part, so the total is a multiple of the parts."""
     parts = group.part_count
-    return parts * keep_count(group.size // parts, ratio, round_to, min_keep)
+    return parts * keep_count(group.size // parts, ratio)
 
 
 def planned_units(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
@@ -286,39 +286,46 @@ SWAP_STEPS = 4
 group for channels of another."""
 
 
-def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, kept, goal: float
+def _give_back(used: np.ndarray, groups, caps: np.ndarray, rnd: Rounding, meets, closeness, goal: float
                ) -> np.ndarray:
     """Move a plan that meets the targets closer to them: with rounding, the last step of the global
     order can remove a whole block more than needed. Each round every group gets back as many
     channels as the targets allow (bisection: meeting is monotone in the count). Only when that
     leaves the plan more than CLOSE_ENOUGH below `goal` (the targets' sum) and the model is small
     (coarse steps), up to SWAP_STEPS rounding steps of one group are traded for channels of another,
-    since a trade overrides the criterion's order."""
-    best = kept(used)
+    since a trade overrides the criterion's order. Every move meets the targets by construction."""
+    best = closeness(used)
     for _ in range(2 * len(groups)):
-        moves = [_most_back(used, j, meets) for j in range(len(groups)) if used[j] > 0]
-        top = max(moves, key=kept, default=None)
-        if top is not None and kept(top) > best + 1e-12:  # giving back only ever keeps more
-            used, best = top, kept(top)
+        score, top = _closest([_most_back(used, j, meets) for j in range(len(groups)) if used[j] > 0], closeness)
+        if score > best + 1e-12:  # giving back only ever keeps more
+            used, best = top, score
             continue
-        if best >= goal - CLOSE_ENOUGH:  # trades move channels against the criterion: only when far
+        if best >= goal - CLOSE_ENOUGH or len(groups) > SWAP_GROUPS:  # trades go against the criterion
             break
-        if len(groups) <= SWAP_GROUPS:
-            for a, g in enumerate(groups):
-                up = used.copy()
-                for _ in range(SWAP_STEPS):
-                    keep = rnd(g, g.size - int(up[a]))
-                    if up[a] == 0 or keep >= g.size:
-                        break
-                    up = up.copy()
-                    up[a] = max(0, g.size - keep - 1)
-                    moves += [_least_more(up, b, int(caps[b]), meets) for b in range(len(groups)) if b != a]
-        moves = [m for m in moves if m is not None and meets(m)]
-        top = max(moves, key=kept, default=None)
-        if top is None or kept(top) <= best + 1e-12:
+        trades = []
+        for a, g in enumerate(groups):
+            up = used.copy()
+            for _ in range(SWAP_STEPS):
+                keep = rnd(g, g.size - int(up[a]))
+                if up[a] == 0 or keep >= g.size:
+                    break
+                up[a] = max(0, g.size - keep - 1)
+                trades += [_least_more(up, b, int(caps[b]), meets) for b in range(len(groups)) if b != a]
+        score, top = _closest(trades, closeness)
+        if score <= best + 1e-12:
             break
-        used, best = top, kept(top)
+        used, best = top, score
     return used
+
+
+def _closest(moves: "list[np.ndarray | None]", closeness) -> "tuple[float, np.ndarray | None]":
+    """The first move of highest closeness and its closeness (-inf: no move)."""
+    best, top = -math.inf, None
+    for move in moves:
+        score = closeness(move) if move is not None else -math.inf
+        if score > best:
+            best, top = score, move
+    return best, top
 
 
 def _most_back(used: np.ndarray, j: int, meets) -> np.ndarray:
