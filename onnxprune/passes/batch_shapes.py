@@ -26,7 +26,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.shape_values import Dim, Known, shape_value
-from onnxprune.passes import canonical, static_values
+from onnxprune.passes import static_values
+from onnxprune.passes.rewire import replace_uses
 
 
 def rewrite(graph: gs.Graph, opset: int) -> None:
@@ -157,7 +158,7 @@ def split_batch_heads(graph: gs.Graph) -> None:
             node.attrs["perm"] = [a for p in perm for a in ((p, p + 1) if p == merged else (p + (p > merged),))]
             node.outputs[0].shape = [node.inputs[0].shape[p] for p in node.attrs["perm"]]
             merged = perm.index(merged)
-        canonical.replace_uses(last.outputs[0], last.inputs[0])
+        replace_uses(last.outputs[0], last.inputs[0])
         last.outputs.clear()
 
 
@@ -214,7 +215,7 @@ def drop_identity_gathers(graph: gs.Graph) -> None:
         strides = [int(np.prod(dims[k + 1:], dtype=np.int64)) for k in range(len(dims))]
         wanted = {k: s for k, s in enumerate(strides) if dims[k] != 1}
         if _index_terms(node.inputs[1], len(dims)) == wanted:
-            canonical.replace_uses(node.outputs[0], x)
+            replace_uses(node.outputs[0], x)
             node.outputs.clear()
 
 

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.ops.control_flow import all_nodes, all_tensors, bodies, fill_value, scope_of
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 from onnxprune.passes import batch_shapes
+from onnxprune.passes.rewire import replace_uses, set_input
 
 SMALL_CONSTANT = 1 << 16
 """Elements up to which a shared constant is copied (large shared tensors are shared on purpose:
@@ -148,30 +149,6 @@ def _target(reshape: gs.Node, opset: int) -> list | None:
         return [Known(int(v)) for v in np.asarray(shape.values).reshape(-1)]
     entries = shape_value(shape, opset)
     return None if entries is None else [Known(e.value) if isinstance(e, Known) else e for e in entries]
-
-
-def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Every reader of `old` reads `new` instead."""
-    for consumer in list(old.outputs):
-        for i, inp in enumerate(consumer.inputs):
-            if inp is old:
-                set_input(consumer, i, new)
-
-
-def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
-    """`node.inputs[index] = tensor`, without graphsurgeon's equality scan.
-
-    graphsurgeon's synchronized list drops `node` from the old tensor's readers with `list.remove`,
-    which calls `Node.__eq__` (names, attributes, inputs and outputs compared) on every reader
-    before it: quadratic in the readers of a constant that every layer shares. This drops the
-    first occurrence by identity instead, the one `list.remove` finds as node names are unique
-    (`ir._name_nodes`), so reader lists keep the same order.
-    """
-    readers = node.inputs[index].outputs
-    at = next(k for k, reader in enumerate(readers) if reader is node)
-    list.__delitem__(readers, at)
-    list.__setitem__(node.inputs, index, tensor)
-    list.append(tensor.outputs, node)
 
 
 def _size(tensor: gs.Constant) -> int:

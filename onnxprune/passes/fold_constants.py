@@ -24,7 +24,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxprune.ir import export_structure, infer_shapes, opset_version, to_graph
 from onnxprune.passes import batch_shapes
-from onnxprune.passes.canonical import replace_uses
+from onnxprune.passes.rewire import replace_uses
 from onnxprune.static_shapes import ProbeRuns
 
 LAYOUT_OPS = {"Gather", "Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity",
