@@ -137,8 +137,9 @@ class Statistics:
                 meta = json.loads(str(npz["meta"]))
                 if meta.get("format") != STATS_FORMAT:
                     raise InputError(f"{path}: not an onnxprune statistics file")
-                slots = {(t, tuple(a) if isinstance(a, list) else int(a)): SlotStats(float(npz[f"s{k}_count"]), npz[f"s{k}_sum"], npz[f"s{k}_abs"],
-                                                npz[f"s{k}_sq"], npz[f"s{k}_zeros"])
+                slots = {(t, tuple(a) if isinstance(a, list) else int(a)):  # a paired slot's axes: a list in JSON
+                         SlotStats(float(npz[f"s{k}_count"]), npz[f"s{k}_sum"], npz[f"s{k}_abs"], npz[f"s{k}_sq"],
+                                   npz[f"s{k}_zeros"])
                          for k, (t, a) in enumerate(meta["slots"])}
                 grams = {n: GramStats(npz[f"g{k}"], float(npz[f"g{k}_rows"])) for k, n in enumerate(meta["grams"])}
         except (OSError, ValueError, KeyError) as exc:
@@ -338,12 +339,12 @@ class Accumulator:
         from onnxprune.verify import session
 
         self.recipe = recipe
-        self.session = session(expose_outputs(model, recipe.exposed))
+        self.names = recipe.exposed  # once: every batch reads the same outputs
+        self.session = session(expose_outputs(model, self.names))
 
     def add(self, stats: Statistics, batch: dict[str, np.ndarray]) -> None:
-        names = self.recipe.exposed
         try:
-            values = dict(zip(names, self.session.run(names, batch)))
+            values = dict(zip(self.names, self.session.run(self.names, batch)))
         except Exception as exc:  # ORT raises its own types for wrong shapes or dtypes
             raise InputError(f"data does not fit the model: {str(exc).splitlines()[0][:300]}") from None
         _accumulate(stats, values, self.recipe.slots, self.recipe.sources)
