@@ -50,7 +50,7 @@ class ChannelGroup:
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and self.size > (1 if self.parts is None else self.part_count)
+        return not self.frozen and self.size > self.part_count  # every part keeps a channel
 
     @property
     def part_count(self) -> int:
@@ -374,7 +374,7 @@ def _parts(group: ChannelGroup, tensors: dict[str, gs.Tensor]) -> np.ndarray | N
         if np.any((seen >= 0) & (seen != outer)):
             return None
         part[m.unit] = outer
-        if len({(int(u), int(o)) for u, o in zip(m.unit, outer)}) != len(np.unique(m.unit)):
+        if np.any(part[m.unit] != outer):
             return None  # one channel at two outer indices of the same slot
     if np.any(part < 0) or len(np.unique(part)) < 2:
         return None
