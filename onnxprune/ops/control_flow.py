@@ -161,18 +161,22 @@ class _Binding:
             for k in range(carried):
                 self.chains.append([ins[k], bin_[k], bout[k], outs[k] if k < len(outs) else ""])
             for j in range(m):
-                rank = v.rank(ins[carried + j])
-                axis = in_axes[j] + rank if in_axes[j] < 0 and rank is not None else in_axes[j]
+                axis = _non_negative(in_axes[j], v.rank(ins[carried + j]))
                 self.scan_in.append((ins[carried + j], bin_[carried + j], axis))
             for j in range(k_out):
                 if carried + j < len(outs):
-                    rank = v.rank(outs[carried + j])
-                    axis = out_axes[j] + rank if out_axes[j] < 0 and rank is not None else out_axes[j]
+                    axis = _non_negative(out_axes[j], v.rank(outs[carried + j]))
                     self.scan_out.append((bout[carried + j], outs[carried + j], axis))
 
 
-class _BodyOp(OpRule):
-    """Shared by Loop and Scan: ties across the scope boundary, body I/O shapes on rewrite."""
+def _non_negative(axis: int, rank: int | None) -> int:
+    """A Scan axis attribute counted from the front (as given when the rank is unknown)."""
+    return axis + rank if axis < 0 and rank is not None else axis
+
+
+@register("Loop", "Scan")
+class BodyOp(OpRule):
+    """Loop and Scan: ties across the scope boundary, body I/O shapes on rewrite."""
 
     def ties(self, v: NodeView, slot: Slot) -> "list[Tie] | Freeze":
         if not isinstance(v.attr("body"), gs.Graph):
@@ -222,16 +226,6 @@ class _BodyOp(OpRule):
                 if size is not None:
                     shape[axis] = size
             tensor.shape = shape
-
-
-@register("Loop")
-class Loop(_BodyOp):
-    pass
-
-
-@register("Scan")
-class Scan(_BodyOp):
-    pass
 
 
 # --- lossless ---------------------------------------------------------------------------------------
