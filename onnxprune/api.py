@@ -235,11 +235,11 @@ def prune(
     quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
     check_quant_options(quantize, quant_options)
     if distill:
-        from onnxprune.train.distill import require_torch
+        from onnxprune.train import require_torch
 
         if data is None:
             raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
-        require_torch()
+        require_torch("distill")
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)

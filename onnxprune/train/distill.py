@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import numpy as np
 import onnx
 
-from onnxprune.data import DataSource, batch_size_for, is_one_shot, iter_batches, model_inputs, spool
+from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_shot, iter_batches, model_inputs, spool
 from onnxprune.errors import InputError
+from onnxprune.train import require_torch
 from onnxprune.train.augment import augment_batch
 from onnxprune.train.losses import LossPlan, batch_loss, plan_losses
 
@@ -32,10 +33,8 @@ if TYPE_CHECKING:
 
     from onnxprune.train.graph import TrainableGraph
 
-TRAIN_EXTRA = "pip install 'onnxprune[train]'"
 SHUFFLE_ROWS = 4096
 """Rows held in the shuffle buffer: the data is mixed within blocks of this many samples."""
-DEFAULT_BATCH = 32
 
 
 @dataclass
@@ -132,15 +131,6 @@ class DistillResult:
         save_model(self.model, path, external_data)
 
 
-def require_torch(what: str = "distill"):
-    """The torch module, or one line naming the extra to install."""
-    try:
-        import torch
-    except ImportError:
-        raise InputError(f"{what} needs the train extra: {TRAIN_EXTRA}") from None
-    return torch
-
-
 def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str | os.PathLike[str] | onnx.ModelProto",
             data: DataSource, *, eval_data: DataSource | None = None, epochs: int = 10, lr: float = 1e-3,
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
@@ -182,7 +172,7 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
     """The training loop: returns a trained copy of `student` and the history. `data` must be
     re-readable (paths, dicts, lists); neither model is modified. `trainer_class` (a `_Trainer`
     subclass) changes how batches are read and steps taken, e.g. data-parallel on Ray Train."""
-    require_torch()
+    require_torch("distill")
     options.check()
     check_pair(student, teacher)
     check_match(student, teacher, options.match)

@@ -32,13 +32,14 @@ from onnxprune.errors import InputError
 from onnxprune.importance import GRADIENT_CRITERIA, GRADIENT_ROLES, channel_sums
 from onnxprune.passes.dependency import Analysis
 from onnxprune.progress import progress
+from onnxprune.train import require_torch
+from onnxprune.train.losses import FLOAT_TYPES, looks_like_logits, producer_op
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SAMPLES = 1024
 """At most this many samples are scored (the rest of the data is not read): Kwon et al. use 2K."""
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,13 @@ class GradientScores:
 
 def choose_signal(model: onnx.ModelProto) -> Signal:
     """Logit outputs where there are any; otherwise every float output."""
-    from onnxprune.train.losses import _producer_op, looks_like_logits
-
     floats = [o.name for o in model.graph.output
               if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in FLOAT_TYPES]
     logits = tuple(n for n in floats if looks_like_logits(model, n))
     if not floats:
         raise InputError("gradient criteria need a float model output to build a loss on; the model has none")
     if logits:
-        probs = frozenset(n for n in logits if _producer_op(model, n) == "Softmax")
+        probs = frozenset(n for n in logits if producer_op(model, n) == "Softmax")
         return Signal(logits, (), probs)
     return Signal((), tuple(floats))
 
@@ -107,7 +106,7 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
     backward pass (default: 1 for fisher, 32 for taylor, whose mean is linear in the gradients)."""
     if kind not in GRADIENT_CRITERIA:
         raise InputError(f"gradient criterion must be one of {', '.join(GRADIENT_CRITERIA)}, got {kind!r}")
-    torch = _torch(kind)
+    torch = require_torch(f"criterion {kind!r} computed from data")
     from onnxprune.train import TrainableGraph
 
     analysed = _analysed_model(analysis, model)
@@ -177,15 +176,6 @@ def gradient_criterion(model: onnx.ModelProto, analysis: Analysis, criterion, da
         return criterion, []
     scores = gradient_scores(model, analysis, data, kind=criterion, labels=labels, seed=seed, quiet=quiet)
     return scores.criterion(), scores.notes
-
-
-def _torch(kind: str):
-    try:
-        import torch
-    except ImportError:
-        raise InputError(f"criterion {kind!r} computed from data needs the train extra: "
-                         "pip install 'onnxprune[train]'") from None
-    return torch
 
 
 def _analysed_model(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
