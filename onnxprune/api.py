@@ -295,6 +295,18 @@ def prune(
     report.notes.extend(latency_notes)
     if result.inexact_nodes:
         report.notes.append(f"bias compensation is approximate at {len(result.inexact_nodes)} padded consumers")
+    return _measured_result(pruned, chosen, report, original, data=data, seed=seed, verify=verify, bench=bench,
+                            atol=atol, rtol=rtol, lossless=lossless, quantize=quantize, eval_data=eval_data,
+                            labels=labels, quant_options=quant_options)
+
+
+def _measured_result(pruned: onnx.ModelProto, chosen: Plan, report: PruneReport, original: onnx.ModelProto, *,
+                     data, seed: int, verify: bool, bench: bool, atol: float | None, rtol: float | None,
+                     lossless: bool, quantize: "str | None", eval_data, labels: str,
+                     quant_options: "QuantOptions | None" = None) -> PruneResult:
+    """The result, after verification, latency and side-by-side figures against `original` when
+    asked for (one-shot prune and the last round of `steps`); a failed comparison raises
+    `VerificationError` carrying the result."""
     quantized = None
     if verify or bench or quantize is not None or eval_data is not None:
         tolerance = (atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL),
