@@ -76,21 +76,6 @@ def is_inf(node: Node, x):
     return positive | negative
 
 
-@torch_op("Add")
-def add(node: Node, a, b):
-    return a + b
-
-
-@torch_op("Sub")
-def sub(node: Node, a, b):
-    return a - b
-
-
-@torch_op("Mul")
-def mul(node: Node, a, b):
-    return a * b
-
-
 @torch_op("Div")
 def div(node: Node, a, b):
     if a.dtype.is_floating_point:
@@ -109,6 +94,7 @@ def mod(node: Node, a, b):
 
 
 _BINARY = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
     "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
     "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }
