@@ -374,9 +374,9 @@ class TeacherRunner:
         if match:
             model = onnx.ModelProto()
             model.CopyFrom(teacher)
-            for name in match:
-                if name not in {o.name for o in model.graph.output}:
-                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            outputs = {o.name for o in teacher.graph.output}
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
+                                      for name in dict.fromkeys(match) if name not in outputs)
         self.session = session(model)
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -547,9 +547,9 @@ def check_feeds(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> Non
             if array.ndim != len(dims) or any(d is not None and d != a for d, a in zip(dims, array.shape)):
                 wanted = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
                 raise InputError(f"data for input {name} has shape {tuple(array.shape)}; the model expects {wanted}")
-        if tensor.elem_type and np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)) != array.dtype:
-            raise InputError(f"data for input {name} is {array.dtype}; the model expects "
-                             f"{np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type))}")
+        expected = np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else array.dtype
+        if expected != array.dtype:
+            raise InputError(f"data for input {name} is {array.dtype}; the model expects {expected}")
 
 
 def _batch_size(model: onnx.ModelProto, requested: int | None) -> int:
