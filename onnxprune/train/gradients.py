@@ -21,6 +21,7 @@ a larger micro-batch vanish only in expectation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -30,6 +31,7 @@ import onnx
 from onnxprune.data import DEFAULT_BATCH, batch_size_for, iter_batches, model_inputs
 from onnxprune.errors import InputError
 from onnxprune.importance import GRADIENT_CRITERIA, GRADIENT_ROLES, channel_sums
+from onnxprune.ops.base import Slot, per_element, slot_axes
 from onnxprune.passes.dependency import Analysis
 from onnxprune.progress import progress
 from onnxprune.train import require_torch
@@ -190,7 +192,7 @@ def _analysed_model(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelPro
     return exported
 
 
-def _gradient_slots(analysis: Analysis, params: dict) -> list[tuple[str, int]]:
+def _gradient_slots(analysis: Analysis, params: dict) -> list[Slot]:
     """(weight, axis) of every prunable group's weight, bias and scale members that are trainable."""
     slots = []
     for group in analysis.prunable:
@@ -200,19 +202,18 @@ def _gradient_slots(analysis: Analysis, params: dict) -> list[tuple[str, int]]:
     return slots
 
 
-def _slot_products(slots: list[tuple[str, int]], params: dict, grads: dict) -> dict[tuple[str, int], np.ndarray]:
-    """Σ w·∂L/∂w over every axis of each weight but the slot's, per index (float64)."""
+def _slot_products(slots: list[Slot], params: dict, grads: dict) -> dict[Slot, np.ndarray]:
+    """Σ w·∂L/∂w over every axis of each weight but the slot's, per slot element (float64; a paired
+    slot's elements flattened as `per_element` orders them, like `importance.taylor`)."""
     products, out = {}, {}
     for name, axis in slots:
         grad = grads.get(name)
         if grad is None:  # the loss does not reach this weight
-            out[(name, axis)] = np.zeros(params[name].shape[axis])
+            out[(name, axis)] = np.zeros(math.prod(params[name].shape[a] for a in slot_axes((name, axis))))
             continue
         if name not in products:
-            products[name] = (params[name].detach().double() * grad.double())
-        prod = products[name]
-        dims = [d for d in range(prod.ndim) if d != axis]
-        out[(name, axis)] = (prod.sum(dim=dims) if dims else prod).numpy()
+            products[name] = (params[name].detach().double() * grad.double()).numpy()
+        out[(name, axis)] = per_element(products[name], axis).sum(1)
     return out
 
 
