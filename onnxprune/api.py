@@ -222,6 +222,8 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "data")}
         with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
             return prune(model, data=spool(data, tmp), **options)
+    if distill:
+        _check_distill(data)
     if steps != 1:
         options = {k: v for k, v in locals().items() if k != "model"}
         from onnxprune.train.schedule import run_steps
@@ -234,12 +236,6 @@ def prune(
 
     quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
     check_quant_options(quantize, quant_options)
-    if distill:
-        from onnxprune.train import require_torch
-
-        if data is None:
-            raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
-        require_torch("distill")
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -345,6 +341,15 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
     report.quantize, report.latency = quantize, latency or report.latency
     report.notes.extend(warnings)
     return quantized
+
+
+def _check_distill(data) -> None:
+    """Refuse `distill` without data or without torch before any pruning work is done."""
+    from onnxprune.train import require_torch
+
+    if data is None:
+        raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
+    require_torch("distill")
 
 
 def _distill(original: onnx.ModelProto, pruned: onnx.ModelProto, options: "bool | DistillOptions", data,

@@ -115,8 +115,6 @@ def _check(steps: int, options: dict) -> None:
     if refused:
         raise InputError(f"steps > 1 re-plans every round from a ratio or MACs/params target; it takes no "
                          f"{', '.join(refused)}")
-    if options.get("distill") and options.get("data") is None:
-        raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
 
 
 def _targets(options: dict) -> dict[str, float]:
