@@ -23,25 +23,16 @@ for _op, _fn in _UNARY.items():
     torch_op(_op)(lambda node, x, fn=_fn: fn(x))
 
 
-@torch_op("LeakyRelu")
-def leaky_relu(node: Node, x):
-    return F.leaky_relu(x, node.attr("alpha", 0.01))
-
-
-@torch_op("Elu")
-def elu(node: Node, x):
-    return F.elu(x, node.attr("alpha", 1.0))
+_WITH_ALPHA = {"LeakyRelu": (F.leaky_relu, 0.01), "Elu": (F.elu, 1.0), "Celu": (F.celu, 1.0)}
+"""Activations of one `alpha` attribute: (torch function, ONNX default alpha)."""
+for _op, (_fn, _alpha) in _WITH_ALPHA.items():
+    torch_op(_op)(lambda node, x, fn=_fn, alpha=_alpha: fn(x, node.attr("alpha", alpha)))
 
 
 @torch_op("Selu")
 def selu(node: Node, x):
     alpha, gamma = node.attr("alpha", 1.67326319217681884765625), node.attr("gamma", 1.05070102214813232421875)
     return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
-
-
-@torch_op("Celu")
-def celu(node: Node, x):
-    return F.celu(x, node.attr("alpha", 1.0))
 
 
 @torch_op("ThresholdedRelu")
