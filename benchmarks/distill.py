@@ -82,15 +82,10 @@ def cnn() -> None:
 def recurrent(cell: str) -> None:
     from onnxprune.train.distill import DistillOptions
 
-    bench = _module(HERE / "recurrent_digits.py", "recurrent_digits")
-    x_train, x_test, y_train, y_test = bench.digits_sequences()
-    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-distill-"))
-    model = bench.export(bench.train(cell, x_train, y_train), tmp / f"{cell}.onnx")
-    test = {"x": x_test, "label": y_test}
+    model, train, test = recurrent_model(cell)
     options = DistillOptions(epochs=60, lr=5e-3, patience=60, quiet=True)
-    recovery_rows(f"digits {cell}", model, dict(ratio=0.5, criterion="activation"), {"x": x_train}, test, "label",
+    recovery_rows(f"digits {cell}", model, dict(ratio=0.5, criterion="activation"), train, test, "label",
                   options, classifier_measure(test))
-    return model, {"x": x_train}, test
 
 
 def steps() -> None:
@@ -108,6 +103,7 @@ def steps() -> None:
             _row("digits CNN", f"steps={n} fisher lstsq{' + distill' if distill else ''}", result,
                  [accuracy(result.model, test, "label")], time.perf_counter() - start)
     lstm, train, held = recurrent_model("LSTM")
+    train = _first(train, 512)
     for n in (1, 4):
         for distill in (False, True):
             options = DistillOptions(epochs=10, lr=3e-3, quiet=True, eval_labels="label") if distill else False
@@ -122,13 +118,18 @@ _RECURRENT: dict = {}
 
 
 def recurrent_model(cell: str):
+    """(model, training inputs, labelled test data) of the digits `cell` classifier, trained once per run."""
     if cell not in _RECURRENT:
         bench = _module(HERE / "recurrent_digits.py", "recurrent_digits")
         x_train, x_test, y_train, y_test = bench.digits_sequences()
         tmp = Path(tempfile.mkdtemp(prefix="onnxprune-distill-"))
         model = bench.export(bench.train(cell, x_train, y_train), tmp / f"{cell}.onnx")
-        _RECURRENT[cell] = (model, {"x": x_train[:512]}, {"x": x_test, "label": y_test})
+        _RECURRENT[cell] = (model, {"x": x_train}, {"x": x_test, "label": y_test})
     return _RECURRENT[cell]
+
+
+def _first(data: dict, rows: int) -> dict:
+    return {k: v[:rows] for k, v in data.items()}
 
 
 def criteria() -> None:
@@ -144,6 +145,7 @@ def criteria() -> None:
             _row("digits CNN", f"{criterion} MACs {target}", result, [accuracy(result.model, test, "label")],
                  time.perf_counter() - start)
     lstm, train, held = recurrent_model("LSTM")
+    train = _first(train, 512)
     for criterion in ("activation", "wanda", "taylor", "fisher"):
         start = time.perf_counter()
         result = onnxprune.prune(lstm, ratio=0.5, criterion=criterion, data=train, recover="none", quiet=True)

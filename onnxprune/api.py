@@ -222,6 +222,8 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "data")}
         with tempfile.TemporaryDirectory(prefix="onnxprune-data-") as tmp:
             return prune(model, data=spool(data, tmp), **options)
+    if distill:
+        _check_distill(data)
     if steps != 1:
         options = {k: v for k, v in locals().items() if k != "model"}
         from onnxprune.train.schedule import run_steps
@@ -234,12 +236,6 @@ def prune(
 
     quant_options = QuantOptions(quant_format, activation_type, weight_type, per_channel, calibration)
     check_quant_options(quantize, quant_options)
-    if distill:
-        from onnxprune.train.distill import require_torch
-
-        if data is None:
-            raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
-        require_torch()
     original = _load_checked(model)
     meta = ModelMeta.of(original)
     analysis = _analysis(original, exclude, prune_hidden, gqa)
@@ -295,6 +291,18 @@ def prune(
     report.notes.extend(latency_notes)
     if result.inexact_nodes:
         report.notes.append(f"bias compensation is approximate at {len(result.inexact_nodes)} padded consumers")
+    return _measured_result(pruned, chosen, report, original, data=data, seed=seed, verify=verify, bench=bench,
+                            atol=atol, rtol=rtol, lossless=lossless, quantize=quantize, eval_data=eval_data,
+                            labels=labels, quant_options=quant_options)
+
+
+def _measured_result(pruned: onnx.ModelProto, chosen: Plan, report: PruneReport, original: onnx.ModelProto, *,
+                     data, seed: int, verify: bool, bench: bool, atol: float | None, rtol: float | None,
+                     lossless: bool, quantize: "str | None", eval_data, labels: str,
+                     quant_options: "QuantOptions | None" = None) -> PruneResult:
+    """The result, after verification, latency and side-by-side figures against `original` when
+    asked for (one-shot prune and the last round of `steps`); a failed comparison raises
+    `VerificationError` carrying the result."""
     quantized = None
     if verify or bench or quantize is not None or eval_data is not None:
         tolerance = (atol if atol is not None else (LOSSLESS_TOL if lossless else DEFAULT_ATOL),
@@ -333,6 +341,15 @@ def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelP
     report.quantize, report.latency = quantize, latency or report.latency
     report.notes.extend(warnings)
     return quantized
+
+
+def _check_distill(data) -> None:
+    """Refuse `distill` without data or without torch before any pruning work is done."""
+    from onnxprune.train import require_torch
+
+    if data is None:
+        raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
+    require_torch("distill")
 
 
 def _distill(original: onnx.ModelProto, pruned: onnx.ModelProto, options: "bool | DistillOptions", data,

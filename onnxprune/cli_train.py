@@ -125,9 +125,9 @@ def cmd_distill(args) -> int:
 
 def history_table(history) -> str:
     """Per-epoch loss and evaluation figures, then before/after and why training stopped."""
-    from onnxprune.report import distill_line
+    from onnxprune.report import EVAL_FIGURES, distill_line
 
-    keys = [k for k in ("accuracy", "agreement", "cosine", "loss") if any(k in e.eval for e in history.epochs)]
+    keys = [k for k in EVAL_FIGURES if any(k in e.eval for e in history.epochs)]
     lines = [f"{'epoch':>5} {'train loss':>11}" + "".join(f" {'eval ' + k:>15}" for k in keys) + f" {'s':>6}"]
     for e in history.epochs:
         lines.append(f"{e.epoch:>5} {e.loss:>11.4g}" + "".join(f" {e.eval.get(k, float('nan')):>15.4f}" for k in keys)

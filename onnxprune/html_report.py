@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from onnxprune.api import PruneReport
-from onnxprune.report import MODEL_TITLES, human, score_rows, speedup_row
+from onnxprune.report import EVAL_FIGURES, MODEL_TITLES, human, score_rows, speedup_row
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22")
@@ -92,8 +92,6 @@ def _figures_table(report: PruneReport) -> str:
             label, values = speedup_row(figs)
             rows.append([label] + values)
         rows.append(["max abs diff vs original"] + [f"{f.max_abs_diff:.3g}" for f in figs])
-        if all(f.top1_agreement is not None for f in figs):
-            rows.append(["top-1 agreement"] + [f"{f.top1_agreement:.4f}" for f in figs])
         rows += [[label] + values for label, values in score_rows(figs)]
         head = [""] + [_e(MODEL_TITLES.get(n, n)) for n in names]
     else:
@@ -230,7 +228,7 @@ def _curve_chart(curves: list[Curve], x_label: str = "pruning ratio", chart_id: 
 def _distill_section(history: dict) -> str:
     """The distillation after pruning: before/after figures against the original, and the loss
     curve (training loss per epoch; evaluation loss too when measured)."""
-    keys = [k for k in ("accuracy", "agreement", "cosine", "loss") if k in history["before"]]
+    keys = [k for k in EVAL_FIGURES if k in history["before"]]
     rows = [[_e(k), f"{history['before'][k]:.4f}", f"{history['after'].get(k, float('nan')):.4f}"] for k in keys]
     table = ('<table id="distill">' + _row(["on " + _e(history["evaluated_on"]), "before distillation",
                                                "after"], True) + "".join(_row(r) for r in rows) + "</table>")

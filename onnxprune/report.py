@@ -52,8 +52,6 @@ def models_table(report: PruneReport) -> str:
         rows.append(("latency (ms)", [f"{f.latency_ms['median']:.3f}" for f in figs]))
         rows.append(speedup_row(figs))
     rows.append(("max abs diff", [f"{f.max_abs_diff:.3g}" for f in figs]))
-    if all(f.top1_agreement is not None for f in figs):
-        rows.append(("top-1 agreement", [f"{f.top1_agreement:.4f}" for f in figs]))
     rows += score_rows(figs)
     lines = [f"{'':<16}" + "".join(f"{MODEL_TITLES.get(n, n):>13}" for n in names)]
     lines += [f"{label:<16}" + "".join(f"{v:>13}" for v in values) for label, values in rows]
@@ -71,10 +69,11 @@ def speedup_row(figs: list) -> tuple[str, list[str]]:
 
 
 def score_rows(figs: list) -> list[tuple[str, list[str]]]:
-    """Top-1 accuracy and macro precision / recall / F1 rows, when every model has them."""
+    """Top-1 agreement with the original, accuracy and macro precision / recall / F1 rows, each
+    when every model has it (the text and HTML tables share them)."""
     return [(label, [f"{getattr(f, key):.4f}" for f in figs])
-            for label, key in (("accuracy", "accuracy"), ("macro precision", "precision"),
-                               ("macro recall", "recall"), ("macro F1", "f1"))
+            for label, key in (("top-1 agreement", "top1_agreement"), ("accuracy", "accuracy"),
+                               ("macro precision", "precision"), ("macro recall", "recall"), ("macro F1", "f1"))
             if all(getattr(f, key, None) is not None for f in figs)]
 
 
@@ -112,6 +111,10 @@ def rounds_table(rounds: list[dict]) -> list[str]:
                      f"{r['macs_ratio']:>8.1%}{fig(r['accuracy']):>10}{fig(r['agreement']):>11}"
                      f"{fig(r['cosine']):>9}{fig(r['loss'], '.4g'):>9}{r['seconds']:>7.1f}")
     return lines
+
+
+EVAL_FIGURES = ("accuracy", "agreement", "cosine", "loss")
+"""The evaluation figures of a distillation (`DistillHistory.before/after/epochs[].eval`), in table order."""
 
 
 def distill_line(history: dict) -> str:

@@ -22,12 +22,13 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def require_torch() -> None:
-    """Raise the one-line InputError naming the extra when torch is not installed."""
+def require_torch(what: str = "onnxprune.train"):
+    """The torch module, or the one-line InputError saying that `what` needs the train extra."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
-        raise InputError("onnxprune.train needs the train extra: pip install 'onnxprune[train]'") from None
+        raise InputError(f"{what} needs the train extra: pip install 'onnxprune[train]'") from None
+    return torch
 
 
 def __getattr__(name: str):

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import numpy as np
 import onnx
 
-from onnxprune.data import DataSource, batch_size_for, is_one_shot, iter_batches, model_inputs, spool
+from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_shot, iter_batches, model_inputs, spool
 from onnxprune.errors import InputError
+from onnxprune.train import require_torch
 from onnxprune.train.augment import augment_batch
 from onnxprune.train.losses import LossPlan, batch_loss, plan_losses
 
@@ -32,10 +33,8 @@ if TYPE_CHECKING:
 
     from onnxprune.train.graph import TrainableGraph
 
-TRAIN_EXTRA = "pip install 'onnxprune[train]'"
 SHUFFLE_ROWS = 4096
 """Rows held in the shuffle buffer: the data is mixed within blocks of this many samples."""
-DEFAULT_BATCH = 32
 
 
 @dataclass
@@ -132,15 +131,6 @@ class DistillResult:
         save_model(self.model, path, external_data)
 
 
-def require_torch(what: str = "distill"):
-    """The torch module, or one line naming the extra to install."""
-    try:
-        import torch
-    except ImportError:
-        raise InputError(f"{what} needs the train extra: {TRAIN_EXTRA}") from None
-    return torch
-
-
 def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str | os.PathLike[str] | onnx.ModelProto",
             data: DataSource, *, eval_data: DataSource | None = None, epochs: int = 10, lr: float = 1e-3,
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
@@ -182,7 +172,7 @@ def run_distillation(student: onnx.ModelProto, teacher: onnx.ModelProto, data: D
     """The training loop: returns a trained copy of `student` and the history. `data` must be
     re-readable (paths, dicts, lists); neither model is modified. `trainer_class` (a `_Trainer`
     subclass) changes how batches are read and steps taken, e.g. data-parallel on Ray Train."""
-    require_torch()
+    require_torch("distill")
     options.check()
     check_pair(student, teacher)
     check_match(student, teacher, options.match)
@@ -384,9 +374,9 @@ class TeacherRunner:
         if match:
             model = onnx.ModelProto()
             model.CopyFrom(teacher)
-            for name in match:
-                if name not in {o.name for o in model.graph.output}:
-                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            outputs = {o.name for o in teacher.graph.output}
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
+                                      for name in dict.fromkeys(match) if name not in outputs)
         self.session = session(model)
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -557,9 +547,9 @@ def check_feeds(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> Non
             if array.ndim != len(dims) or any(d is not None and d != a for d, a in zip(dims, array.shape)):
                 wanted = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
                 raise InputError(f"data for input {name} has shape {tuple(array.shape)}; the model expects {wanted}")
-        if tensor.elem_type and np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)) != array.dtype:
-            raise InputError(f"data for input {name} is {array.dtype}; the model expects "
-                             f"{np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type))}")
+        expected = np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else array.dtype
+        if expected != array.dtype:
+            raise InputError(f"data for input {name} is {array.dtype}; the model expects {expected}")
 
 
 def _batch_size(model: onnx.ModelProto, requested: int | None) -> int:

@@ -21,6 +21,7 @@ a larger micro-batch vanish only in expectation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -30,15 +31,17 @@ import onnx
 from onnxprune.data import DEFAULT_BATCH, batch_size_for, iter_batches, model_inputs
 from onnxprune.errors import InputError
 from onnxprune.importance import GRADIENT_CRITERIA, GRADIENT_ROLES, channel_sums
+from onnxprune.ops.base import Slot, per_element, slot_axes
 from onnxprune.passes.dependency import Analysis
 from onnxprune.progress import progress
+from onnxprune.train import require_torch
+from onnxprune.train.losses import FLOAT_TYPES, looks_like_logits, producer_op
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SAMPLES = 1024
 """At most this many samples are scored (the rest of the data is not read): Kwon et al. use 2K."""
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,13 @@ class GradientScores:
 
 def choose_signal(model: onnx.ModelProto) -> Signal:
     """Logit outputs where there are any; otherwise every float output."""
-    from onnxprune.train.losses import _producer_op, looks_like_logits
-
     floats = [o.name for o in model.graph.output
               if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in FLOAT_TYPES]
     logits = tuple(n for n in floats if looks_like_logits(model, n))
     if not floats:
         raise InputError("gradient criteria need a float model output to build a loss on; the model has none")
     if logits:
-        probs = frozenset(n for n in logits if _producer_op(model, n) == "Softmax")
+        probs = frozenset(n for n in logits if producer_op(model, n) == "Softmax")
         return Signal(logits, (), probs)
     return Signal((), tuple(floats))
 
@@ -107,7 +108,7 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
     backward pass (default: 1 for fisher, 32 for taylor, whose mean is linear in the gradients)."""
     if kind not in GRADIENT_CRITERIA:
         raise InputError(f"gradient criterion must be one of {', '.join(GRADIENT_CRITERIA)}, got {kind!r}")
-    torch = _torch(kind)
+    torch = require_torch(f"criterion {kind!r} computed from data")
     from onnxprune.train import TrainableGraph
 
     analysed = _analysed_model(analysis, model)
@@ -179,15 +180,6 @@ def gradient_criterion(model: onnx.ModelProto, analysis: Analysis, criterion, da
     return scores.criterion(), scores.notes
 
 
-def _torch(kind: str):
-    try:
-        import torch
-    except ImportError:
-        raise InputError(f"criterion {kind!r} computed from data needs the train extra: "
-                         "pip install 'onnxprune[train]'") from None
-    return torch
-
-
 def _analysed_model(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
     """The constant-folded graph the analysis saw, as a model: its weights carry the names the
     channel groups use (dynamo LSTM/GRU weights folded from Slice/Concat included)."""
@@ -200,7 +192,7 @@ def _analysed_model(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelPro
     return exported
 
 
-def _gradient_slots(analysis: Analysis, params: dict) -> list[tuple[str, int]]:
+def _gradient_slots(analysis: Analysis, params: dict) -> list[Slot]:
     """(weight, axis) of every prunable group's weight, bias and scale members that are trainable."""
     slots = []
     for group in analysis.prunable:
@@ -210,19 +202,18 @@ def _gradient_slots(analysis: Analysis, params: dict) -> list[tuple[str, int]]:
     return slots
 
 
-def _slot_products(slots: list[tuple[str, int]], params: dict, grads: dict) -> dict[tuple[str, int], np.ndarray]:
-    """Σ w·∂L/∂w over every axis of each weight but the slot's, per index (float64)."""
+def _slot_products(slots: list[Slot], params: dict, grads: dict) -> dict[Slot, np.ndarray]:
+    """Σ w·∂L/∂w over every axis of each weight but the slot's, per slot element (float64; a paired
+    slot's elements flattened as `per_element` orders them, like `importance.taylor`)."""
     products, out = {}, {}
     for name, axis in slots:
         grad = grads.get(name)
         if grad is None:  # the loss does not reach this weight
-            out[(name, axis)] = np.zeros(params[name].shape[axis])
+            out[(name, axis)] = np.zeros(math.prod(params[name].shape[a] for a in slot_axes((name, axis))))
             continue
         if name not in products:
-            products[name] = (params[name].detach().double() * grad.double())
-        prod = products[name]
-        dims = [d for d in range(prod.ndim) if d != axis]
-        out[(name, axis)] = (prod.sum(dim=dims) if dims else prod).numpy()
+            products[name] = (params[name].detach().double() * grad.double()).numpy()
+        out[(name, axis)] = per_element(products[name], axis).sum(1)
     return out
 
 

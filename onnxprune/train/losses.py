@@ -73,10 +73,10 @@ def looks_like_logits(model: onnx.ModelProto, output: str) -> bool:
         return False
     if any(word in output.lower() for word in EMBEDDING_WORDS):
         return False
-    return _producer_op(model, output) in LOGIT_PRODUCERS
+    return producer_op(model, output) in LOGIT_PRODUCERS
 
 
-def _producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
+def producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
     """The op that computes `tensor`, looking through shape-only and identity ops."""
     producers = {out: node for node in model.graph.node for out in node.output}
     seen = set()
@@ -108,7 +108,7 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
         logits = looks_like_logits(model, name)
         if kind == "auto":
             kind = "kl" if logits else "mse"
-        probabilities = kind == "kl" and _producer_op(model, name) == "Softmax"
+        probabilities = kind == "kl" and producer_op(model, name) == "Softmax"
         outputs.append(OutputLoss(name, kind, probabilities))
     label_output = None
     if labels:

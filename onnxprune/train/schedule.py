@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from onnxprune.errors import InputError, VerificationError
+from onnxprune.errors import InputError
 
 if TYPE_CHECKING:
     from onnxprune.api import PruneResult
@@ -64,7 +64,7 @@ def kept_fractions(steps: int, removed: float) -> list[float]:
 
 def run_steps(model, *, steps: int, **options) -> "PruneResult":
     """`onnxprune.prune(model, steps=N, ...)`: N rounds of prune (+ distill), one final report."""
-    from onnxprune.api import _distill, _load_checked, prune
+    from onnxprune.api import _distill, _load_checked, _measured_result, prune
     from onnxprune.metrics import count
 
     _check(steps, options)
@@ -100,9 +100,10 @@ def run_steps(model, *, steps: int, **options) -> "PruneResult":
                             + (", distilled from the original after each" if distill else "")]
     report.rounds = [r.to_dict() for r in rounds]
     report.distill = history
-    result.model = current
-    _finish(result, original, options)
-    return result
+    get = options.get  # verification, latency and figures: once, final model against the original
+    return _measured_result(current, result.plan, report, original, data=data, seed=get("seed", 0),
+                            verify=bool(get("verify")), bench=bool(get("bench")), atol=get("atol"), rtol=get("rtol"),
+                            lossless=False, quantize=get("quantize"), eval_data=eval_data, labels=labels)
 
 
 def _check(steps: int, options: dict) -> None:
@@ -114,8 +115,6 @@ def _check(steps: int, options: dict) -> None:
     if refused:
         raise InputError(f"steps > 1 re-plans every round from a ratio or MACs/params target; it takes no "
                          f"{', '.join(refused)}")
-    if options.get("distill") and options.get("data") is None:
-        raise InputError("distill needs data: the pruned model is trained on it to imitate the original")
 
 
 def _targets(options: dict) -> dict[str, float]:
@@ -161,23 +160,3 @@ def _quality(original: onnx.ModelProto, current: onnx.ModelProto, measure_on, ev
     figures = compare_models({"original": original, "pruned": current}, load_feeds(measure_on, original),
                              eval_data, labels)
     return figures["pruned"]
-
-
-def _finish(result: "PruneResult", original: onnx.ModelProto, options: dict) -> None:
-    """Verification, latency and the side-by-side figures of the final model against the original."""
-    from onnxprune.api import _measure
-    from onnxprune.verify import DEFAULT_ATOL, DEFAULT_RTOL
-
-    verify, bench, quantize, eval_data = (options.get(k) for k in ("verify", "bench", "quantize", "eval_data"))
-    if not (verify or bench or quantize is not None or eval_data is not None):
-        return
-    atol, rtol = options.get("atol"), options.get("rtol")
-    tolerance = (DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
-    result.quantized = _measure(result.report, original, result.model, data=options.get("data"),
-                                seed=options.get("seed", 0), verify=bool(verify), bench=bool(bench),
-                                tolerance=tolerance, quantize=quantize, eval_data=eval_data,
-                                labels=options.get("labels", "label"))
-    verified = result.report.verify
-    if verified is not None and not verified.passed:
-        raise VerificationError(f"pruned model differs from the original: max abs diff {verified.max_abs_diff:.3g} "
-                                f"(atol {verified.atol:g}, rtol {verified.rtol:g})", result)

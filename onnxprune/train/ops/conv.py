@@ -65,13 +65,9 @@ def conv_transpose(node: Node, x, w, b=None):
     y = F.pad(y, torch_pads([0] * n, extra))
     shape = node.attr("output_shape")
     auto = node.attr("auto_pad", "NOTSET")
-    if shape:
-        total = [f - o for f, o in zip(full, shape[-n:])]
-        upper = auto == "SAME_UPPER"
-        begin = [t // 2 if upper else t - t // 2 for t in total]
-        end = [t - bg for t, bg in zip(total, begin)]
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = [f - i * s for f, i, s in zip(full, x.shape[2:], strides)]
+    if shape or auto in ("SAME_UPPER", "SAME_LOWER"):  # crop to output_shape, else to input * stride
+        wanted = shape[-n:] if shape else [i * s for i, s in zip(x.shape[2:], strides)]
+        total = [f - w for f, w in zip(full, wanted)]
         begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
         end = [t - bg for t, bg in zip(total, begin)]
     else:

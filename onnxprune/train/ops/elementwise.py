@@ -23,25 +23,16 @@ for _op, _fn in _UNARY.items():
     torch_op(_op)(lambda node, x, fn=_fn: fn(x))
 
 
-@torch_op("LeakyRelu")
-def leaky_relu(node: Node, x):
-    return F.leaky_relu(x, node.attr("alpha", 0.01))
-
-
-@torch_op("Elu")
-def elu(node: Node, x):
-    return F.elu(x, node.attr("alpha", 1.0))
+_WITH_ALPHA = {"LeakyRelu": (F.leaky_relu, 0.01), "Elu": (F.elu, 1.0), "Celu": (F.celu, 1.0)}
+"""Activations of one `alpha` attribute: (torch function, ONNX default alpha)."""
+for _op, (_fn, _alpha) in _WITH_ALPHA.items():
+    torch_op(_op)(lambda node, x, fn=_fn, alpha=_alpha: fn(x, node.attr("alpha", alpha)))
 
 
 @torch_op("Selu")
 def selu(node: Node, x):
     alpha, gamma = node.attr("alpha", 1.67326319217681884765625), node.attr("gamma", 1.05070102214813232421875)
     return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
-
-
-@torch_op("Celu")
-def celu(node: Node, x):
-    return F.celu(x, node.attr("alpha", 1.0))
 
 
 @torch_op("ThresholdedRelu")
@@ -76,21 +67,6 @@ def is_inf(node: Node, x):
     return positive | negative
 
 
-@torch_op("Add")
-def add(node: Node, a, b):
-    return a + b
-
-
-@torch_op("Sub")
-def sub(node: Node, a, b):
-    return a - b
-
-
-@torch_op("Mul")
-def mul(node: Node, a, b):
-    return a * b
-
-
 @torch_op("Div")
 def div(node: Node, a, b):
     if a.dtype.is_floating_point:
@@ -109,6 +85,7 @@ def mod(node: Node, a, b):
 
 
 _BINARY = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
     "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
     "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }

@@ -9,14 +9,22 @@ from onnxprune.train.ops import Node, axis_of, torch_op
 from onnxprune.train.ops.conv import conv
 
 
+def _per_axis_at(v, x, axis: int):
+    """`v` (one value per index of `x`'s `axis`, or a single value) shaped to broadcast against `x`."""
+    if v.numel() == 1:
+        return v.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
 def _per_axis(node: Node, v, x):
-    if v is None or v.dim() == 0 or v.numel() == 1:
+    """A per-axis scale or zero point shaped to broadcast along the node's `axis` of `x`."""
+    if v is None or v.numel() == 1:
         return v
     if node.attr("block_size", 0):
         raise node.error("blocked quantisation has no training rule")
-    shape = [1] * x.dim()
-    shape[axis_of(node.attr("axis", 1), x.dim())] = -1
-    return v.reshape(shape)
+    return _per_axis_at(v, x, axis_of(node.attr("axis", 1), x.dim()))
 
 
 @torch_op("DequantizeLinear")
@@ -41,18 +49,10 @@ def quantize(node: Node, x, scale, zero_point=None):
     return torch.clamp(torch.round(x / scale) + zero, lo, hi).to(dtype)
 
 
-def _centered(x, zero_point, node: Node, axis: int = 1):
+def _centered(x, zero_point, axis: int = 1):
     """Integers minus their zero point, as float64 (exact for 8/16-bit products and sums)."""
     zero = 0 if zero_point is None else _per_axis_at(zero_point, x, axis).double()
     return x.double() - zero
-
-
-def _per_axis_at(v, x, axis: int):
-    if v.dim() == 0 or v.numel() == 1:
-        return v.reshape(())
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return v.reshape(shape)
 
 
 def _requantize(acc, scale, y_scale, y_zero, channel_axis: int):
@@ -64,24 +64,24 @@ def _requantize(acc, scale, y_scale, y_zero, channel_axis: int):
 
 @torch_op("MatMulInteger")
 def matmul_integer(node: Node, a, b, a_zero=None, b_zero=None):
-    acc = _centered(a, a_zero, node, a.dim() - 2) @ _centered(b, b_zero, node, b.dim() - 1)
+    acc = _centered(a, a_zero, a.dim() - 2) @ _centered(b, b_zero, b.dim() - 1)
     return torch.round(acc).to(torch.int32)
 
 
 @torch_op("ConvInteger")
 def conv_integer(node: Node, x, w, x_zero=None, w_zero=None):
-    return torch.round(conv(node, _centered(x, x_zero, node), _centered(w, w_zero, node, 0))).to(torch.int32)
+    return torch.round(conv(node, _centered(x, x_zero), _centered(w, w_zero, 0))).to(torch.int32)
 
 
 @torch_op("QLinearMatMul")
 def qlinear_matmul(node: Node, a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero):
-    acc = _centered(a, a_zero, node, a.dim() - 2) @ _centered(b, b_zero, node, b.dim() - 1)
+    acc = _centered(a, a_zero, a.dim() - 2) @ _centered(b, b_zero, b.dim() - 1)
     return _requantize(acc * a_scale.double().reshape(()), b_scale, y_scale, y_zero, acc.dim() - 1)
 
 
 @torch_op("QLinearConv")
 def qlinear_conv(node: Node, x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero, bias=None):
-    acc = conv(node, _centered(x, x_zero, node), _centered(w, w_zero, node, 0))
+    acc = conv(node, _centered(x, x_zero), _centered(w, w_zero, 0))
     if bias is not None:
         acc = acc + bias.double().reshape(1, -1, *([1] * (acc.dim() - 2)))
     return _requantize(acc * x_scale.double().reshape(()), w_scale, y_scale, y_zero, 1)

@@ -15,6 +15,11 @@ def _long(values) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.int64)
 
 
+def _wrapped(indices, size):
+    """Indices with negative ones counted from the end of an axis of `size`, as int64."""
+    return torch.where(indices < 0, indices + size, indices).long()
+
+
 @torch_op("Constant")
 def constant(node: Node):
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
@@ -122,7 +127,7 @@ def slice_(node: Node, x, starts=None, ends=None, axes=None, steps=None):
 @torch_op("Gather")
 def gather(node: Node, x, indices):
     axis = axis_of(node.attr("axis", 0), x.dim())
-    indices = torch.where(indices < 0, indices + x.shape[axis], indices).long()
+    indices = _wrapped(indices, x.shape[axis])
     picked = x.index_select(axis, indices.reshape(-1))
     return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
 
@@ -130,7 +135,7 @@ def gather(node: Node, x, indices):
 @torch_op("GatherElements")
 def gather_elements(node: Node, x, indices):
     axis = axis_of(node.attr("axis", 0), x.dim())
-    return torch.gather(x, axis, torch.where(indices < 0, indices + x.shape[axis], indices).long())
+    return torch.gather(x, axis, _wrapped(indices, x.shape[axis]))
 
 
 @torch_op("Expand")
@@ -205,7 +210,7 @@ def pad(node: Node, x, pads=None, value=None, axes=None):
 @torch_op("OneHot")
 def one_hot(node: Node, indices, depth, values):
     depth = int(depth)
-    indices = torch.where(indices < 0, indices + depth, indices).long()
+    indices = _wrapped(indices, depth)
     hot = F.one_hot(indices.clamp(0, depth - 1), depth).bool() & ((indices >= 0) & (indices < depth)).unsqueeze(-1)
     y = torch.where(hot, values[1], values[0])
     return y.movedim(-1, axis_of(node.attr("axis", -1), y.dim()))
@@ -219,8 +224,7 @@ def gather_nd(node: Node, x, indices):
     batch = math.prod(x.shape[:batch_dims])
     indexed = x.shape[batch_dims:batch_dims + depth]
     rest = x.shape[batch_dims + depth:]
-    tuples = indices.reshape(batch, -1, depth).long()
-    tuples = torch.where(tuples < 0, tuples + torch.tensor(indexed), tuples)
+    tuples = _wrapped(indices.reshape(batch, -1, depth).long(), torch.tensor(indexed))
     flat = torch.zeros(tuples.shape[:2], dtype=torch.int64)
     for j, size in enumerate(indexed):
         flat = flat * size + tuples[..., j]
