@@ -399,9 +399,7 @@ def hand_off(original: onnx.ModelProto, pruned: onnx.ModelProto, mode: str | Non
     options = options or QuantOptions()
     check_quant_options(mode, options)
     quantized = choice = None
-    if mode:
-        if mode == "static" and data is None:
-            raise InputError("static quantization needs calibration inputs (--data)")
+    if mode:  # static without `data` is refused by `quantize_model` (no calibration inputs)
         choice = choose_quantization(mode, options)
         quantized, choice = quantize_candidates(pruned, choice, options, feeds if data is not None else None,
                                                 bench, feeds[0] if feeds else None)
