@@ -136,39 +136,44 @@ def weight_count_all(graph: onnx.GraphProto) -> int:
     return own + sum(weight_count_all(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
 
 
-def loop_row(name: str, exporter: str, models: tuple, start: float) -> str:
-    plain, planted, narrow = models
+def prune_twice(models: tuple, batch: int = 1):
+    """`prune` at ratio 0.5 of the plain model (full checker; output shapes in ORT at `batch`) and
+    `--lossless` of the planted one: (half, exact, same output shapes)."""
+    plain, planted, _ = models
     half = onnxprune.prune(plain, ratio=0.5)
     onnx.checker.check_model(half.model, full_check=True)
-    feeds = random_inputs(plain, 0, batch=2)
+    feeds = random_inputs(plain, 0, batch=batch)
     same = all(a.shape == b.shape for a, b in zip(session(plain).run(None, feeds), session(half.model).run(None, feeds)))
-    exact = onnxprune.prune(planted, lossless=True, verify=True)
-    groups = half.report.groups_pruned
-    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed // groups}" + (f" (×{groups} cells)" if groups > 1 else "")
-    narrow_ok = "✓" if weight_count_all(exact.model.graph) == weight_count_all(narrow.graph) else \
-        f"✗ ({weight_count_all(exact.model.graph)} vs {weight_count_all(narrow.graph)})"
+    return half, onnxprune.prune(planted, lossless=True, verify=True), same
+
+
+def table_line(name: str, exporter: str, half, units: str, removed, exact, weights: tuple[int, int], same: bool,
+               start: float) -> str:
+    """One row; `weights`: the lossless model's and the narrower model's weight counts."""
+    narrow_ok = "✓" if weights[0] == weights[1] else f"✗ ({weights[0]} vs {weights[1]})"
     check = "full checker ✓, ORT shapes ✓" if same else "ORT output shapes differ ✗"
     return (f"| {name} | {exporter} | {half.report.before.params} → {half.report.after.params} | {units} "
-            f"| {exact.report.channels_removed}, {exact.report.verify.max_abs_diff:.1e} | {narrow_ok} "
+            f"| {removed}, {exact.report.verify.max_abs_diff:.1e} | {narrow_ok} "
             f"| {check} ({time.perf_counter() - start:.0f} s) |")
+
+
+def loop_row(name: str, exporter: str, models: tuple, start: float) -> str:
+    half, exact, same = prune_twice(models, batch=2)
+    groups = half.report.groups_pruned
+    units = f"{HIDDEN} → {HIDDEN - half.report.channels_removed // groups}" + (f" (×{groups} cells)" if groups > 1 else "")
+    weights = (weight_count_all(exact.model.graph), weight_count_all(models[2].graph))
+    return table_line(name, exporter, half, units, exact.report.channels_removed, exact, weights, same, start)
 
 
 def row(name: str, exporter: str, models: tuple, start: float) -> str:
     plain, planted, narrow = models
-    half = onnxprune.prune(plain, ratio=0.5)
-    onnx.checker.check_model(half.model, full_check=True)
-    feeds = random_inputs(plain, 0)
-    same = all(a.shape == b.shape for a, b in zip(session(plain).run(None, feeds), session(half.model).run(None, feeds)))
-    exact = onnxprune.prune(planted, lossless=True, verify=True)
+    half, exact, same = prune_twice(models)
     removed = [h0 - h1 for h0, h1 in zip(hidden_sizes(planted), hidden_sizes(exact.model))]
     units = "unrolled (no RNN op)" if not hidden_sizes(plain) else \
         f"{hidden_sizes(plain)} → {hidden_sizes(half.model)}"
-    narrow_ok = "✓" if weight_count(exact.model) == weight_count(narrow) else \
-        f"✗ ({weight_count(exact.model)} vs {weight_count(narrow)})"
-    check = "full checker ✓, ORT shapes ✓" if same else "ORT output shapes differ ✗"
-    return (f"| {name} | {exporter} | {half.report.before.params} → {half.report.after.params} | {units} "
-            f"| {removed or exact.report.channels_removed}, {exact.report.verify.max_abs_diff:.1e} | {narrow_ok} "
-            f"| {check} ({time.perf_counter() - start:.0f} s) |")
+    weights = (weight_count(exact.model), weight_count(narrow))
+    return table_line(name, exporter, half, units, removed or exact.report.channels_removed, exact, weights, same,
+                      start)
 
 
 def write_rows(rows: list[str]) -> None:

@@ -120,6 +120,20 @@ def sweep_task(folder: str):
     return evaluate
 
 
+def on_ray(cpus: int, call):
+    """`call(rss folder)` on a Ray started for it with `cpus` CPUs: its result, its wall seconds
+    (without Ray start-up) and the peak RSS of each worker process."""
+    import ray
+
+    with tempfile.TemporaryDirectory() as folder:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        result = call(folder)
+        seconds = time.perf_counter() - start
+        ray.shutdown()
+        return result, seconds, worker_rss(Path(folder))
+
+
 def max_rel_diff(a, b) -> float:
     worst = 0.0
     for slot, s in b.slots.items():
@@ -130,8 +144,6 @@ def max_rel_diff(a, b) -> float:
 
 
 def run_stats(model: Path, shards: Path, workers: list[int], rows: list[dict]) -> None:
-    import ray
-
     import onnxprune.ray as onnxprune_ray
     from onnxprune.api import analyze
     from onnxprune.ir import load_model
@@ -146,20 +158,13 @@ def run_stats(model: Path, shards: Path, workers: list[int], rows: list[dict]) -
     rows.append(dict(task="stats", mode="serial", seconds=base, ratio=1.0, equal="-", samples=serial.samples,
                      rss=[peak_rss()]))
     for n in workers:
-        with tempfile.TemporaryDirectory() as rss:
-            ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
-            start = time.perf_counter()
-            result = onnxprune_ray.stats(model, shards, workers=n, grams=False, worker=stats_worker_class(rss))
-            seconds = time.perf_counter() - start
-            ray.shutdown()
-            rows.append(dict(task="stats", mode=f"ray x{n}", seconds=seconds, ratio=base / seconds,
-                             equal=f"max rel diff {max_rel_diff(result, serial):.1e}", samples=result.samples,
-                             rss=worker_rss(Path(rss))))
+        result, seconds, rss = on_ray(max(workers), lambda folder: onnxprune_ray.stats(
+            model, shards, workers=n, grams=False, worker=stats_worker_class(folder)))
+        rows.append(dict(task="stats", mode=f"ray x{n}", seconds=seconds, ratio=base / seconds,
+                         equal=f"max rel diff {max_rel_diff(result, serial):.1e}", samples=result.samples, rss=rss))
 
 
 def run_sweep(model: Path, data: Path, workers: list[int], ratios: list[float], samples: int, rows: list[dict]) -> None:
-    import ray
-
     import onnxprune.ray as onnxprune_ray
     from onnxprune.sensitivity import sensitivity
 
@@ -170,16 +175,11 @@ def run_sweep(model: Path, data: Path, workers: list[int], ratios: list[float], 
     points = len(serial.groups) * len(ratios)
     rows.append(dict(task="sweep", mode="serial", seconds=base, ratio=1.0, equal="-", samples=points, rss=[peak_rss()]))
     for n in workers:
-        with tempfile.TemporaryDirectory() as rss:
-            ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
-            start = time.perf_counter()
-            result = onnxprune_ray.sensitivity(model, data, workers=n, ratios=ratios, samples=samples,
-                                               evaluate=sweep_task(rss))
-            seconds = time.perf_counter() - start
-            ray.shutdown()
-            same = json.dumps(result.to_json()) == json.dumps(serial.to_json())
-            rows.append(dict(task="sweep", mode=f"ray x{n}", seconds=seconds, ratio=base / seconds,
-                             equal="identical JSON" if same else "DIFFERENT", samples=points, rss=worker_rss(Path(rss))))
+        result, seconds, rss = on_ray(max(workers), lambda folder: onnxprune_ray.sensitivity(
+            model, data, workers=n, ratios=ratios, samples=samples, evaluate=sweep_task(folder)))
+        same = json.dumps(result.to_json()) == json.dumps(serial.to_json())
+        rows.append(dict(task="sweep", mode=f"ray x{n}", seconds=seconds, ratio=base / seconds,
+                         equal="identical JSON" if same else "DIFFERENT", samples=points, rss=rss))
 
 
 def table(rows: list[dict]) -> str:

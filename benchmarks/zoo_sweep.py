@@ -384,8 +384,16 @@ CACHE = Path(tempfile.gettempdir()) / "onnxprune_zoo_sweep"
 rewrites the doc with every model."""
 
 
-def _cached_rows() -> list[dict]:
-    return [r for path in sorted(CACHE.glob("*.json")) for r in json.loads(path.read_text())]
+def _cached_rows(folder: Path = CACHE) -> list[dict]:
+    return [r for path in sorted(folder.glob("*.json")) for r in json.loads(path.read_text())]
+
+
+def _torch_pruning(name: str, earlier: list[dict], skip: bool) -> dict:
+    """Torch-Pruning's result for the model: run now, or with `skip` (--no-torch-pruning) its last
+    cached result, if any."""
+    if not skip:
+        return run_torch_pruning(name)
+    return earlier[0].get("tp", {"error": "skipped"}) if earlier else {"error": "skipped"}
 
 
 SHAPE_MODELS = ["vit_b_16", "swin_t"]
@@ -404,14 +412,13 @@ def sweep_shapes(names: list[str], no_torch_pruning: bool, render: bool) -> int:
             path = cache / f"{name}.json"
             earlier = json.loads(path.read_text()) if path.exists() else []
             rows = run_model(name, Path(tmp), _SHAPES_CHILD)
-            tp = earlier[0].get("tp", {"error": "skipped"}) if no_torch_pruning and earlier else \
-                {"error": "skipped"} if no_torch_pruning else run_torch_pruning(name)
+            tp = _torch_pruning(name, earlier, no_torch_pruning)
             for r in rows:
                 r["tp"] = tp
             path.write_text(json.dumps(rows))
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     order = {m.name: k for k, m in enumerate(CATALOGUE)}
-    rows = sorted((r for p in sorted(cache.glob("*.json")) for r in json.loads(p.read_text())),
+    rows = sorted(_cached_rows(cache),
                   key=lambda r: (order.get(r["model"], 999), r["exporter"], r.get("hidden", False)))
     body = shapes_table(rows, {r["model"]: r.get("tp", {}) for r in rows})
     print(body)
@@ -459,9 +466,7 @@ def main() -> int:
             cached = CACHE / f"{name}.json"
             earlier = json.loads(cached.read_text()) if cached.exists() else []
             rows = earlier if args.tp_only and earlier else run_model(name, Path(tmp))
-            # --no-torch-pruning keeps the last Torch-Pruning result of the model, if any
-            tp = earlier[0].get("tp", {"error": "skipped"}) if args.no_torch_pruning and earlier else \
-                {"error": "skipped"} if args.no_torch_pruning else run_torch_pruning(name)
+            tp = _torch_pruning(name, earlier, args.no_torch_pruning)
             for r in rows:
                 r["tp"] = tp
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -109,19 +109,21 @@ def cmd_stats(args) -> int:
 
 
 def _ray_stats(args):
+    ray_api = _ray_api()
+    if args.limit is not None:
+        raise InputError("--limit is not supported with --ray (shards are read whole)")
+    return ray_api.stats(args.inputs[0], args.data, workers=args.workers, address=args.ray,
+                         grams=not args.no_gram, quiet=args.quiet)
+
+
+def _ray_api():
+    """`onnxprune.ray`, after checking the extra (one line naming it when missing)."""
     from onnxprune.ray.cluster import require_ray
 
     require_ray()
-    if args.limit is not None:
-        raise InputError("--limit is not supported with --ray (shards are read whole)")
-    from onnxprune.ray import stats
+    import onnxprune.ray
 
-    return stats(args.inputs[0], args.data, workers=args.workers, address=_address(args.ray),
-                 grams=not args.no_gram, quiet=args.quiet)
-
-
-def _address(flag: str) -> str | None:
-    return None if flag == "local" else flag
+    return onnxprune.ray
 
 
 def cmd_sensitivity(args) -> int:
@@ -131,12 +133,7 @@ def cmd_sensitivity(args) -> int:
     options = dict(ratios=args.ratios, criterion=args.criterion, recover=args.recover, stats=args.stats,
                    labels=args.labels, samples=args.samples, exclude=args.exclude, quiet=args.quiet)
     if args.ray:
-        from onnxprune.ray.cluster import require_ray
-
-        require_ray()
-        from onnxprune.ray import sensitivity as ray_sensitivity
-
-        result = ray_sensitivity(args.model, args.data, workers=args.workers, address=_address(args.ray), **options)
+        result = _ray_api().sensitivity(args.model, args.data, workers=args.workers, address=args.ray, **options)
     else:
         result = sensitivity(args.model, args.data, **options)
     print(result.table())

@@ -98,9 +98,11 @@ def count_samples(data: DataSource, names: list[str]) -> int | None:
     """Number of samples without reading the arrays, where the form allows it (for progress bars)."""
     if isinstance(data, dict):
         return _rows(data)
-    if isinstance(data, (str, os.PathLike)) and Path(data).is_file() and shard_kind(Path(data)) == "parquet":
+    if not isinstance(data, (str, os.PathLike)) or not Path(data).is_file():
+        return None
+    if shard_kind(Path(data)) == "parquet":
         return parquet_rows(Path(data))
-    if isinstance(data, (str, os.PathLike)) and Path(data).is_file() and str(data).endswith(".npz"):
+    if str(data).endswith(".npz"):
         with zipfile.ZipFile(data) as zf:
             shapes = [_npy_header(zf, n + ".npy")[0] for n in names if n + ".npy" in zf.namelist()]
         return shapes[0][0] if shapes and shapes[0] else None

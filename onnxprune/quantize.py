@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -368,8 +368,8 @@ def quantize_candidates(pruned: onnx.ModelProto, choice: QuantChoice, options: Q
         first = quantize_model(pruned, choice.mode, calibration, choice, cache)
         if not bench or choice.mode != "static" or options.quant_format is not None or feeds is None:
             return first, choice
-        other = QuantChoice(**{**choice.to_dict(), "quant_format": "qoperator" if choice.quant_format == "qdq"
-                               else "qdq", "reasons": list(choice.reasons), "candidates": []})
+        other = replace(choice, quant_format="qoperator" if choice.quant_format == "qdq" else "qdq",
+                        reasons=list(choice.reasons), candidates=[])
         second = quantize_model(pruned, choice.mode, calibration, other, cache)
     float_ms, *quant_ms = interleaved_latency([pruned, first, second], feeds, runs=CANDIDATE_RUNS)
     choice.candidates = [{"quant_format": c.quant_format, "latency_ms": ms["median"],
@@ -399,9 +399,7 @@ def hand_off(original: onnx.ModelProto, pruned: onnx.ModelProto, mode: str | Non
     options = options or QuantOptions()
     check_quant_options(mode, options)
     quantized = choice = None
-    if mode:
-        if mode == "static" and data is None:
-            raise InputError("static quantization needs calibration inputs (--data)")
+    if mode:  # static without `data` is refused by `quantize_model` (no calibration inputs)
         choice = choose_quantization(mode, options)
         quantized, choice = quantize_candidates(pruned, choice, options, feeds if data is not None else None,
                                                 bench, feeds[0] if feeds else None)

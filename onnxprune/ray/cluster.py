@@ -27,8 +27,9 @@ def require_ray(what: str = "--ray"):
 
 @contextlib.contextmanager
 def connected(address: str | None, workers: int, quiet: bool = True) -> Iterator[None]:
-    """Use the running Ray, or join `address` (`ray://head:10001`, `auto`), or start a local one
-    with at least `workers` CPUs; a Ray started here is shut down on exit."""
+    """Use the running Ray, or join `address` (`ray://head:10001`, `auto`), or (None or 'local', what
+    a bare `--ray` gives) start a local one with at least `workers` CPUs; a Ray started here is shut
+    down on exit."""
     ray = require_ray()
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
