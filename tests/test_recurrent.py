@@ -141,7 +141,7 @@ def test_units_prune_like_masked_reference(op, direction, bias):
     prune_half(recurrent_model(op, direction, bias=bias))
 
 
-@pytest.mark.parametrize("op,direction", itertools.product(GATES, ("forward", "bidirectional")))
+@pytest.mark.parametrize("op,direction", list(itertools.product(GATES, ("forward", "bidirectional"))))
 def test_initial_states_and_sequence_lengths(op, direction):
     prune_half(recurrent_model(op, direction, states=True, seq_lens=True, peephole=op == "LSTM"))
 
@@ -244,7 +244,7 @@ def test_non_constant_weights_are_frozen_with_a_reason():
     assert any("weights are computed at run time" in r for r in reasons)
 
 
-@pytest.mark.parametrize("op,direction", itertools.product(GATES, ("forward", "reverse", "bidirectional")))
+@pytest.mark.parametrize("op,direction", list(itertools.product(GATES, ("forward", "reverse", "bidirectional"))))
 def test_dead_units_are_removed_exactly(op, direction):
     model = recurrent_model(op, direction, dead=(1, 4), peephole=op == "LSTM", seq_lens=True)
     result = onnxprune.prune(model, lossless=True)
