@@ -243,37 +243,14 @@ def plant_dead_per_direction(rnn, fraction: float = 0.25, seed: int = 1) -> None
                     param[[g * hidden + u for g in range(gates) for u in units]] = 0
 
 
-def export_batch(model, x, path, exporter: str, dynamic: bool, batch_axis: int = 0) -> onnx.ModelProto:
-    """torch_export.export, or with axis `batch_axis` of the input (and axis 0 of the output) dynamic
-    (`dynamic_axes` / `dynamic_shapes`)."""
-    if not dynamic:
-        from torch_export import export
-
-        return export(model, (x,), path, exporter)
-    import contextlib
-    import io
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], opset_version=18,
-                                        dynamic_shapes=({batch_axis: torch.export.Dim("batch")},), optimize=True)
-            program.save(str(path), external_data=False)
-        else:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                              opset_version=18, dynamic_axes={"x": {batch_axis: "batch"}, "y": {0: "batch"}})
-    return onnx.load(str(path))
-
-
 @pytest.fixture(scope="module")
 def stack_exports(tmp_path_factory):
     """Per case: the export with a quarter of each direction's units planted dead, and the parameter
     count of the same network built a quarter narrower."""
     pytest.importorskip("torch")
     import torch
+
+    from torch_export import export
 
     folder = tmp_path_factory.mktemp("stacks")
     made = {}
@@ -282,7 +259,8 @@ def stack_exports(tmp_path_factory):
         planted = _stack(cell, embedding, WIDE)
         plant_dead_per_direction(planted.rnn)
         x = torch.randint(0, VOCAB, (2, STEPS)) if embedding else torch.randn(2, STEPS, EMBED)
-        model = export_batch(planted, x, folder / f"{cell}_{embedding}_{exporter}_{dynamic}.onnx", exporter, dynamic)
+        model = export(planted, (x,), folder / f"{cell}_{embedding}_{exporter}_{dynamic}.onnx", exporter,
+                       dynamic=dynamic)
         made[case] = (model, sum(p.numel() for p in _stack(cell, embedding, WIDE * 3 // 4).parameters()))
     return made
 
