@@ -32,6 +32,16 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 CANDIDATE = {"LSTM": 3, "GRU": 2, "RNN": 0}
 
 
+def zero_candidate(w: np.ndarray, r: np.ndarray, bias: np.ndarray, op: str, hidden: int, units,
+                   direction: "int | slice" = slice(None)) -> None:
+    """Kill `units` of `direction` (default: every direction) in place: zero their candidate-gate
+    rows of W and R and their two candidate biases, so their state stays 0 from a zero start."""
+    g, c = GATES[op], CANDIDATE[op]
+    rows = [c * hidden + u for u in units]
+    w[direction, rows] = r[direction, rows] = 0
+    bias[direction, rows + [(g + c) * hidden + u for u in units]] = 0
+
+
 def recurrent_model(op: str, direction: str = "forward", *, bias: bool = True, states: bool = False,
                     peephole: bool = False, seq_lens: bool = False, layout: int = 0, seed: int = 0,
                     hidden: int = H, dead: tuple[int, ...] = (), **attrs) -> onnx.ModelProto:
@@ -46,11 +56,7 @@ def recurrent_model(op: str, direction: str = "forward", *, bias: bool = True, s
     w = (b.rng.standard_normal([d, g * hidden, IN]) * 0.5).astype(np.float32)
     r = (b.rng.standard_normal([d, g * hidden, hidden]) * 0.5).astype(np.float32)
     bb = (b.rng.standard_normal([d, 2 * g * hidden]) * 0.5).astype(np.float32)
-    c = CANDIDATE[op]
-    for unit in dead:
-        w[:, c * hidden + unit] = 0
-        r[:, c * hidden + unit] = 0
-        bb[:, [c * hidden + unit, (g + c) * hidden + unit]] = 0
+    zero_candidate(w, r, bb, op, hidden, dead)
     inputs = [x, b.const(w, "W"), b.const(r, "R"), b.const(bb, "B") if bias else ""]
     state_shape = [d, BATCH, hidden] if layout == 0 else [BATCH, d, hidden]
     inputs.append(b.const(np.array([T, T - 1] * (BATCH // 2), np.int32), "seq") if seq_lens else "")
@@ -180,15 +186,13 @@ def test_each_direction_is_a_part_of_one_equal_count_group():
 def _plant_dead(model: onnx.ModelProto, dead: dict[int, list[int]]) -> onnx.ModelProto:
     """Zero the candidate rows and biases of `dead[d]` units in direction d only."""
     node = recurrent_node(model)
-    g, c = GATES[node.op_type], CANDIDATE[node.op_type]
     inits = {t.name: t for t in model.graph.initializer}
-    for index in (1, 2, 3):
-        arr = numpy_helper.to_array(inits[node.input[index]]).copy()
-        for d, units in dead.items():
-            for u in units:
-                blocks = (c, g + c) if index == 3 else (c,)
-                arr[d, [k * H + u for k in blocks]] = 0
-        inits[node.input[index]].CopyFrom(numpy_helper.from_array(arr, node.input[index]))
+    names = node.input[1:4]
+    w, r, bias = (numpy_helper.to_array(inits[name]).copy() for name in names)
+    for d, units in dead.items():
+        zero_candidate(w, r, bias, node.op_type, H, units, d)
+    for name, arr in zip(names, (w, r, bias)):
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
     return model
 
 
@@ -471,9 +475,7 @@ def stacked_runtime_flatten_model(dead: dict[int, list[int]] | None = None, embe
         r = (b.rng.standard_normal([2, 3 * H, H]) * 0.5).astype(np.float32)
         bias = (b.rng.standard_normal([2, 6 * H]) * 0.5).astype(np.float32)
         for d, dead_units in enumerate(units):
-            for u in dead_units:
-                w[d, 2 * H + u] = r[d, 2 * H + u] = 0
-                bias[d, [2 * H + u, 5 * H + u]] = 0
+            zero_candidate(w, r, bias, "GRU", H, dead_units, d)
         y = b.op("GRU", [x, b.const(w, "W"), b.const(r, "R"), b.const(bias, "B")], hidden_size=H,
                  direction="bidirectional")
         y = b.op("Transpose", [y], perm=[0, 2, 1, 3])
