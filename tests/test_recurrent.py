@@ -94,6 +94,11 @@ def hidden_size(model: onnx.ModelProto) -> int:
     return next(a.i for a in node.attribute if a.name == "hidden_size")
 
 
+def hidden_sizes(model: onnx.ModelProto) -> list[int]:
+    """`hidden_size` of every recurrent op, in graph order."""
+    return [a.i for n in model.graph.node if n.op_type in GATES for a in n.attribute if a.name == "hidden_size"]
+
+
 def masked_recurrent_reference(model: onnx.ModelProto, result: onnxprune.PruneResult) -> onnx.ModelProto:
     """The consumer-masked reference, plus the removed units' columns of R zeroed."""
     masked = masked_reference(model, result)
@@ -497,8 +502,7 @@ def test_run_time_flatten_of_both_directions_prunes():
     assert all(g.part_count == 2 for g in onnxprune.analyze(model).prunable)
     result = onnxprune.prune(model, ratio=0.5)
     onnx.checker.check_model(result.model, full_check=True)
-    assert [a.i for n in result.model.graph.node if n.op_type == "GRU" for a in n.attribute
-            if a.name == "hidden_size"] == [H // 2] * 2
+    assert hidden_sizes(result.model) == [H // 2] * 2
     feeds = random_inputs(model, 0, batch=3)
     assert session(result.model).run(None, feeds)[0].shape == (T, 3, 3)
 
@@ -506,8 +510,7 @@ def test_run_time_flatten_of_both_directions_prunes():
 def test_run_time_flatten_loses_each_directions_dead_units_exactly():
     model = stacked_runtime_flatten_model({0: [1, 4], 1: [0, 2, 5], 2: [3, 5], 3: [0, 1]})
     result = onnxprune.prune(model, lossless=True)
-    assert [a.i for n in result.model.graph.node if n.op_type == "GRU" for a in n.attribute
-            if a.name == "hidden_size"] == [H - 2] * 2
+    assert hidden_sizes(result.model) == [H - 2] * 2
     _assert_same_outputs(model, result.model)
 
 

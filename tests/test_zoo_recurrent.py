@@ -16,10 +16,10 @@ import pytest
 
 import onnxprune
 from onnxprune.verify import random_inputs, session
+from test_recurrent import hidden_sizes
 
 HIDDEN, FEATURES, STEPS, BATCH = 8, 5, 4, 2
 DEAD = (1, 5)
-RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def weight_count(model: onnx.ModelProto) -> int:
@@ -30,10 +30,6 @@ def weight_count(model: onnx.ModelProto) -> int:
         if np.issubdtype(array.dtype, np.floating) and np.any(array):
             total += array.size
     return total
-
-
-def hidden_sizes(model: onnx.ModelProto) -> list[int]:
-    return [a.i for n in model.graph.node if n.op_type in RECURRENT for a in n.attribute if a.name == "hidden_size"]
 
 
 def assert_same_outputs(model: onnx.ModelProto, pruned: onnx.ModelProto, tol: float = 1e-5) -> None:
@@ -243,14 +239,20 @@ def plant_dead_per_direction(rnn, fraction: float = 0.25, seed: int = 1) -> None
                     param[[g * hidden + u for g in range(gates) for u in units]] = 0
 
 
+def export_batch(model, x, path, exporter: str, dynamic: bool, batch_axis: int = 0) -> onnx.ModelProto:
+    """torch_export.export of a one-input model, with axis `batch_axis` of the input (and axis 0 of
+    the output) dynamic when `dynamic` (benchmarks/recurrent_compat.py uses it too)."""
+    from torch_export import export
+
+    return export(model, (x,), path, exporter, dynamic=dynamic, batch_axis=batch_axis)
+
+
 @pytest.fixture(scope="module")
 def stack_exports(tmp_path_factory):
     """Per case: the export with a quarter of each direction's units planted dead, and the parameter
     count of the same network built a quarter narrower."""
     pytest.importorskip("torch")
     import torch
-
-    from torch_export import export
 
     folder = tmp_path_factory.mktemp("stacks")
     made = {}
@@ -259,8 +261,7 @@ def stack_exports(tmp_path_factory):
         planted = _stack(cell, embedding, WIDE)
         plant_dead_per_direction(planted.rnn)
         x = torch.randint(0, VOCAB, (2, STEPS)) if embedding else torch.randn(2, STEPS, EMBED)
-        model = export(planted, (x,), folder / f"{cell}_{embedding}_{exporter}_{dynamic}.onnx", exporter,
-                       dynamic=dynamic)
+        model = export_batch(planted, x, folder / f"{cell}_{embedding}_{exporter}_{dynamic}.onnx", exporter, dynamic)
         made[case] = (model, sum(p.numel() for p in _stack(cell, embedding, WIDE * 3 // 4).parameters()))
     return made
 
