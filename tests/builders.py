@@ -115,3 +115,17 @@ def zero_kv_group(model: onnx.ModelProto, group: int, q_width: int, kv_width: in
         add = next(n for n in model.graph.node if node.output[0] in n.input)
         zero_columns(model, [node.input[1], next(i for i in add.input if i in inits)],
                      np.arange(group * width, (group + 1) * width))
+
+
+PAYLOADS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data")
+"""The TensorProto fields that hold an initializer's values."""
+
+
+def structure(model: onnx.ModelProto) -> bytes:
+    """The serialized model with every initializer's values removed: what training must not change."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        for field in PAYLOADS:
+            init.ClearField(field)
+    return copy.SerializeToString()
