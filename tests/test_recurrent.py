@@ -222,8 +222,8 @@ def test_directions_keep_equal_counts_of_their_own_units(scope):
     analysis = onnxprune.analyze(model)
     group = next(g for g in analysis.prunable if g.parts is not None)
     removed = result.plan.resolve(analysis)[group.id]
-    per_dir = [sorted(int(u) % H for u in removed if group.parts[u] == d) for d in (0, 1)]
-    assert len(per_dir[0]) == len(per_dir[1])
+    per_dir = [int(np.count_nonzero(group.parts[removed] == d)) for d in (0, 1)]
+    assert per_dir[0] == per_dir[1] > 0  # > 0: equal counts of nothing would prove nothing
 
 
 def test_plan_with_unequal_direction_counts_is_refused():
