@@ -93,3 +93,39 @@ def small_cnn(seed: int = 0, residual: bool = True) -> onnx.ModelProto:
     b.nodes[-1].output[0] = "y"
     b.output("y", shape=[1, 5])
     return b.model()
+
+
+def zero_columns(model: onnx.ModelProto, names: "list[str]", cols) -> None:
+    """Zero entries `cols` of the last axis of the named initializers, in place: plants dead output
+    channels of a projection (its weight columns and its bias)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in names:
+        value = numpy_helper.to_array(inits[name]).copy()
+        value[..., cols] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def zero_kv_group(model: onnx.ModelProto, group: int, q_width: int, kv_width: int) -> None:
+    """Plant one dead KV group of an attention block whose first three weight MatMuls are the Q, K
+    and V projections, each followed by a bias Add: zero that group's `q_width` query columns and
+    `kv_width` key and value columns, and their biases."""
+    inits = {t.name for t in model.graph.initializer}
+    projections = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][:3]
+    for width, node in zip((q_width, kv_width, kv_width), projections):
+        add = next(n for n in model.graph.node if node.output[0] in n.input)
+        zero_columns(model, [node.input[1], next(i for i in add.input if i in inits)],
+                     np.arange(group * width, (group + 1) * width))
+
+
+PAYLOADS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data")
+"""The TensorProto fields that hold an initializer's values."""
+
+
+def structure(model: onnx.ModelProto) -> bytes:
+    """The serialized model with every initializer's values removed: what training must not change."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        for field in PAYLOADS:
+            init.ClearField(field)
+    return copy.SerializeToString()

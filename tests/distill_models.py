@@ -52,13 +52,3 @@ def labelled(teacher: onnx.ModelProto, seed: int = 0, n: int = SAMPLES) -> dict[
 
     x = images(seed, n)
     return {INPUT: x, "label": session(teacher).run(None, {INPUT: x})[0].argmax(1).astype(np.int64)}
-
-
-def structure(model: onnx.ModelProto) -> bytes:
-    """The model with every initializer's values removed: what must not change in training."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for init in copy.graph.initializer:
-        for field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
-            init.ClearField(field)
-    return copy.SerializeToString()

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from builders import GraphBuilder
+from builders import GraphBuilder, zero_kv_group
 from onnxprune.heads import group_kind
 from onnxprune.verify import session
 from reference import assert_matches_masked
@@ -57,22 +57,8 @@ def attention(kv_heads: int = HEADS, softmax_axis: int = -1, dead_head: int | No
     b.output("y")
     model = b.model()
     if dead_head is not None:
-        _zero_head(model, dead_head, kv_heads)
+        zero_kv_group(model, dead_head, HEADS // kv_heads * DIM, DIM)  # one KV head and its query heads
     return model
-
-
-def _zero_head(model: onnx.ModelProto, head: int, kv_heads: int) -> None:
-    """Zero Q, K and V columns and biases of one KV head (and of its query heads)."""
-    rep = HEADS // kv_heads
-    inits = {t.name: t for t in model.graph.initializer}
-    projections = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][:3]
-    for k, node in enumerate(projections):
-        cols = np.arange(head * rep * DIM, (head + 1) * rep * DIM) if k == 0 else np.arange(head * DIM, (head + 1) * DIM)
-        add = next(n for n in model.graph.node if node.output[0] in n.input)
-        for name in (node.input[1], next(i for i in add.input if i in inits)):
-            value = numpy_helper.to_array(inits[name]).copy()
-            value[..., cols] = 0
-            inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
 def head_groups(model: onnx.ModelProto) -> list:

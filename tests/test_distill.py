@@ -6,7 +6,8 @@ import onnx
 import pytest
 
 import onnxprune
-from distill_models import (INPUT, images, labelled, perturbed, pruned_student, structure, tiny_classifier)
+from builders import structure
+from distill_models import INPUT, images, labelled, perturbed, pruned_student, tiny_classifier
 from onnxprune.errors import InputError
 from onnxprune.train.distill import DistillOptions, run_distillation
 from onnxprune.verify import session

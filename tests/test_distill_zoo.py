@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import onnxprune
-from distill_models import structure
+from builders import structure
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.zoo

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnxprune
-from builders import GraphBuilder
+from builders import GraphBuilder, zero_kv_group
 from onnxprune.heads import group_kind
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 from onnxprune.verify import session
@@ -86,21 +86,8 @@ def gqa(dead_kv: int | None = None, kv_from_constant: bool = False, merge: str =
     b.output("y", shape=["B", S, HIDDEN])
     model = b.model()
     if dead_kv is not None:
-        _zero_kv_group(model, dead_kv)
+        zero_kv_group(model, dead_kv, REP * DIM, DIM)  # one KV head and its REP query heads
     return model
-
-
-def _zero_kv_group(model: onnx.ModelProto, group: int) -> None:
-    """Zero the Q, K, V columns and biases of one KV head and of its REP query heads."""
-    inits = {t.name: t for t in model.graph.initializer}
-    projections = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits][:3]
-    for k, node in enumerate(projections):
-        per = REP * DIM if k == 0 else DIM
-        add = next(n for n in model.graph.node if node.output[0] in n.input)
-        for name in (node.input[1], next(i for i in add.input if i in inits)):
-            value = numpy_helper.to_array(inits[name]).copy()
-            value[..., group * per:(group + 1) * per] = 0
-            inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
 def _heads(model: onnx.ModelProto) -> tuple[list, onnxprune.Analysis]:

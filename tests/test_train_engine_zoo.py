@@ -6,10 +6,6 @@ still agreeing on the trained model."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -18,7 +14,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 torch.set_num_threads(1)  # 2 shared cores: torch spin-waits with more threads
 
-from test_train_engine_writeback import blank_payloads, sgd_steps  # noqa: E402
+from builders import structure  # noqa: E402
+from test_train_engine_writeback import sgd_steps  # noqa: E402
+from torch_export import export  # noqa: E402
 
 from onnxprune.train import TrainableGraph, max_relative_error  # noqa: E402
 
@@ -28,23 +26,9 @@ FORWARD_TOL, TRAINED_TOL = 1e-5, 1e-4
 
 def export_dynamic_batch(module, example: tuple, path, exporter: str, names: list[str], batch_axis: int = 0,
                          opset: int | None = None) -> onnx.ModelProto:
-    """Export with a dynamic batch axis, as users deploy models."""
-    module = module.eval()
-    axes = {batch_axis: "batch"}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            dims = {batch_axis: torch.export.Dim("batch", min=1, max=64)}
-            program = torch.onnx.export(module, example, dynamo=True, input_names=names, output_names=["y"],
-                                        dynamic_shapes=tuple(dims for _ in names), opset_version=opset or 18)
-            program.save(str(path), external_data=False)
-        else:
-            keep_bn = exporter == "legacy-bn"  # BatchNormalization nodes stay, folding off
-            torch.onnx.export(module, example, str(path), dynamo=False, input_names=names, output_names=["y"],
-                              dynamic_axes={**{n: axes for n in names}, "y": {0: "batch"}}, opset_version=opset or 17,
-                              do_constant_folding=not keep_bn,
-                              training=torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL)
-    return onnx.load(str(path))
+    """Export with a dynamic batch axis, as users deploy models (default opset: 17 for TorchScript)."""
+    return export(module, example, path, exporter, names, dynamic=True, batch_axis=batch_axis,
+                  opset=opset or (18 if exporter == "dynamo" else 17))
 
 
 def assert_trains_and_writes_back(model: onnx.ModelProto, train_feeds: dict, check_feeds: dict) -> None:
@@ -59,7 +43,7 @@ def assert_trains_and_writes_back(model: onnx.ModelProto, train_feeds: dict, che
     assert len(moved) >= 0.9 * len(weights), sorted(set(weights) - set(moved))[:10]
     assert all(torch.equal(before[n], g.parameters_by_name[n]) for n, r in g.roles.items() if r == "bn_stat")
     trained = g.to_onnx()
-    assert blank_payloads(trained).SerializeToString() == blank_payloads(model).SerializeToString()
+    assert structure(trained) == structure(model)
     assert max_relative_error(trained, check_feeds) <= TRAINED_TOL
 
 

@@ -16,10 +16,10 @@ import pytest
 
 import onnxprune
 from onnxprune.verify import random_inputs, session
+from test_recurrent import hidden_sizes
 
 HIDDEN, FEATURES, STEPS, BATCH = 8, 5, 4, 2
 DEAD = (1, 5)
-RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def weight_count(model: onnx.ModelProto) -> int:
@@ -30,10 +30,6 @@ def weight_count(model: onnx.ModelProto) -> int:
         if np.issubdtype(array.dtype, np.floating) and np.any(array):
             total += array.size
     return total
-
-
-def hidden_sizes(model: onnx.ModelProto) -> list[int]:
-    return [a.i for n in model.graph.node if n.op_type in RECURRENT for a in n.attribute if a.name == "hidden_size"]
 
 
 def assert_same_outputs(model: onnx.ModelProto, pruned: onnx.ModelProto, tol: float = 1e-5) -> None:
@@ -244,28 +240,11 @@ def plant_dead_per_direction(rnn, fraction: float = 0.25, seed: int = 1) -> None
 
 
 def export_batch(model, x, path, exporter: str, dynamic: bool, batch_axis: int = 0) -> onnx.ModelProto:
-    """torch_export.export, or with axis `batch_axis` of the input (and axis 0 of the output) dynamic
-    (`dynamic_axes` / `dynamic_shapes`)."""
-    if not dynamic:
-        from torch_export import export
+    """torch_export.export of a one-input model, with axis `batch_axis` of the input (and axis 0 of
+    the output) dynamic when `dynamic` (benchmarks/recurrent_compat.py uses it too)."""
+    from torch_export import export
 
-        return export(model, (x,), path, exporter)
-    import contextlib
-    import io
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], opset_version=18,
-                                        dynamic_shapes=({batch_axis: torch.export.Dim("batch")},), optimize=True)
-            program.save(str(path), external_data=False)
-        else:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                              opset_version=18, dynamic_axes={"x": {batch_axis: "batch"}, "y": {0: "batch"}})
-    return onnx.load(str(path))
+    return export(model, (x,), path, exporter, dynamic=dynamic, batch_axis=batch_axis)
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,14 @@ OPSET = 18
 
 def export(model: torch.nn.Module, args: "tuple | torch.Tensor", path: "str | os.PathLike[str]",
            variant: str, input_names: "list[str] | None" = None,
-           output_names: "list[str] | None" = None, dynamic: bool = False) -> onnx.ModelProto:
+           output_names: "list[str] | None" = None, dynamic: bool = False, batch_axis: int = 0,
+           opset: int = OPSET) -> onnx.ModelProto:
     """Export `model` (put in eval mode) with `args` to `path` as a single self-contained file.
 
-    `dynamic`: axis 0 of every input (and output) is a run-time batch size, as users export
-    (`dynamic_axes` for TorchScript, `dynamic_shapes` for dynamo; give a batch of at least 2, as
-    torch.export specialises a size-1 dim). Returns the loaded ModelProto. Exporter chatter
-    (warnings, progress prints) is silenced.
+    `dynamic`: axis `batch_axis` of every input (and axis 0 of every output) is a run-time batch
+    size, as users export (`dynamic_axes` for TorchScript, `dynamic_shapes` for dynamo; give a batch
+    of at least 2, as torch.export specialises a size-1 dim). Returns the loaded ModelProto.
+    Exporter chatter (warnings, progress prints) is silenced.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown export variant {variant!r}, expected one of {VARIANTS}")
@@ -52,15 +53,16 @@ def export(model: torch.nn.Module, args: "tuple | torch.Tensor", path: "str | os
         warnings.simplefilter("ignore")
         if variant == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096) if dynamic else None
-            shapes = tuple({0: batch} for _ in args) if dynamic else None
+            shapes = tuple({batch_axis: batch} for _ in args) if dynamic else None
             program = torch.onnx.export(model, args, dynamo=True, input_names=names, output_names=output_names,
-                                        opset_version=OPSET, optimize=True, verbose=False, dynamic_shapes=shapes)
+                                        opset_version=opset, optimize=True, verbose=False, dynamic_shapes=shapes)
             program.save(path, external_data=False)
         else:
             folded = variant == "legacy-folded"
-            axes = {name: {0: "batch"} for name in names + list(output_names or [])} if dynamic else None
+            axes = ({**{name: {batch_axis: "batch"} for name in names},
+                     **{name: {0: "batch"} for name in output_names or []}} if dynamic else None)
             torch.onnx.export(model, args, path, dynamo=False, input_names=names, output_names=output_names,
-                              opset_version=OPSET, dynamic_axes=axes, do_constant_folding=folded,
+                              opset_version=opset, dynamic_axes=axes, do_constant_folding=folded,
                               training=torch.onnx.TrainingMode.EVAL if folded else torch.onnx.TrainingMode.PRESERVE)
     return onnx.load(path)
 
