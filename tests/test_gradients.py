@@ -208,3 +208,21 @@ def test_api_taylor_on_the_digits_cnn_uses_its_labels():
     assert result.report.after.macs <= 0.5 * result.report.before.macs
     notes = result.report.notes
     assert any("taylor scores computed from 256 samples" in n and "true labels 'label'" in n for n in notes)
+
+
+@pytest.mark.parametrize("kind", ["taylor", "fisher"])
+def test_gradient_criteria_score_both_directions_of_a_bidirectional_layer(kind):
+    """Paired (direction, unit) slots: the scores cover each direction's own units."""
+    from onnxprune.verify import random_inputs, session
+    from test_recurrent import recurrent_model
+
+    model = recurrent_model("GRU", "bidirectional")
+    data = random_inputs(model, 0)
+    result = onnxprune.prune(model, criterion=kind, data=data, ratio=0.5, recover="none", round_to=1, quiet=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    gru = next(n for n in result.model.graph.node if n.op_type == "GRU")
+    before = next(n for n in model.graph.node if n.op_type == "GRU")
+    size = lambda node: next(a.i for a in node.attribute if a.name == "hidden_size")  # noqa: E731
+    assert size(gru) == size(before) // 2
+    shapes = [o.shape for o in session(result.model).run(None, data)]
+    assert shapes == [o.shape for o in session(model).run(None, data)]

@@ -71,3 +71,12 @@ def test_cli_steps_write_rounds_into_the_json_report_and_table(tmp_path, capsys)
     assert "round" in printed and "fisher scores computed" in printed
     rounds = json.loads(report.read_text())["rounds"]
     assert len(rounds) == 2 and rounds[-1]["macs_ratio"] <= 0.5 + 1e-9
+
+
+def test_steps_pass_quantization_choices_to_the_final_hand_off():
+    model_path, _, calib_path = demo_files()
+    result = onnxprune.prune(model_path, ratio=0.5, steps=2, data=calib_path, quantize="static",
+                             quant_format="qoperator", per_channel=False, quiet=True)
+    assert result.report.quantization.to_dict()["quant_format"] == "qoperator"
+    ops = {n.op_type for n in result.quantized.graph.node}
+    assert "QLinearConv" in ops and "QuantizeLinear" in ops

@@ -183,7 +183,7 @@ class TrainableGraph:
         for name, param in self.parameters_by_name.items():
             env[name] = param.to(self._dtypes[name])
         for name, value in feeds.items():
-            env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            env[name] = value if isinstance(value, torch.Tensor) else _feed_tensor(value)
         absent = [n for n in self.inputs if n not in feeds]
         if absent:
             raise InputError(f"missing model input(s): {', '.join(absent)}")
@@ -252,3 +252,10 @@ def max_relative_error(model: "onnx.ModelProto | TrainableGraph", feeds: Mapping
             scale = max(float(np.max(np.abs(ref))), 1e-12)
             worst = max(worst, float(np.max(np.abs(got - ref))) / scale)
     return worst
+
+
+def _feed_tensor(value: Any) -> "torch.Tensor":
+    """A feed as a tensor sharing its memory, copied only when read-only (Parquet and memory-mapped
+    batches): torch would otherwise warn that writing through the tensor is undefined."""
+    array = np.asarray(value)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.quantize import QuantOptions
 
 if TYPE_CHECKING:
     from onnxprune.api import PruneResult
 
-MEASURED = ("verify", "bench", "quantize", "eval_data")
+QUANT_OPTIONS = ("quant_format", "activation_type", "weight_type", "per_channel", "calibration")
+MEASURED = ("verify", "bench", "quantize", "eval_data") + QUANT_OPTIONS
 """Options applied once, to the final model against the original, not in every round."""
 AMOUNTS = ("ratio", "head_ratio", "target_macs", "target_params")
 """Options that each round sets relative to the model it prunes."""
@@ -103,7 +105,8 @@ def run_steps(model, *, steps: int, **options) -> "PruneResult":
     get = options.get  # verification, latency and figures: once, final model against the original
     return _measured_result(current, result.plan, report, original, data=data, seed=get("seed", 0),
                             verify=bool(get("verify")), bench=bool(get("bench")), atol=get("atol"), rtol=get("rtol"),
-                            lossless=False, quantize=get("quantize"), eval_data=eval_data, labels=labels)
+                            lossless=False, quantize=get("quantize"), eval_data=eval_data, labels=labels,
+                            quant_options=QuantOptions(*(get(name) for name in QUANT_OPTIONS)))
 
 
 def _check(steps: int, options: dict) -> None:
