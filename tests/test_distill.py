@@ -155,3 +155,30 @@ def test_without_eval_data_a_worse_student_is_never_returned():
     h = result.history
     assert h.epochs and h.best_epoch == 0 and h.after == h.before
     assert result.model.SerializeToString() == student.SerializeToString()
+
+
+def _softmax_head(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    """`model` with its logits scaled by `scale` and passed through a Softmax (a Keras-style
+    probabilities output)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    producer = next(n for n in out.graph.node if "logits" in n.output)
+    producer.output[0] = "raw_logits"
+    out.graph.initializer.append(onnx.numpy_helper.from_array(np.array(scale, np.float32), "logit_scale"))
+    out.graph.node.extend([onnx.helper.make_node("Mul", ["raw_logits", "logit_scale"], ["scaled"], name="scale"),
+                           onnx.helper.make_node("Softmax", ["scaled"], ["logits"], name="softmax", axis=-1)])
+    return out
+
+
+def test_a_saturated_softmax_student_learns_through_the_softmax_input(pair):
+    """Keras classifiers end in Softmax; a pruned student that is confidently wrong has probabilities
+    of exactly 0 and 1, whose clamped log carries no gradient: the loss reads the softmax input."""
+    teacher, student = (_softmax_head(m, 50.0) for m in pair)
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, epochs=10, lr=3e-3, quiet=True)
+    h = result.history
+    assert h.losses == {"logits": "kl (T=2)"}
+    assert h.after["loss"] < 0.5 * h.before["loss"]
+    assert h.after["agreement"] > h.before["agreement"] + 0.05
+    held_out = images(seed=7)
+    assert _agreement(result.model, teacher, held_out) > _agreement(student, teacher, held_out) + 0.05
+    assert [o.name for o in result.model.graph.output] == ["logits"]  # the captured input stays internal

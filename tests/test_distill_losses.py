@@ -89,7 +89,7 @@ def test_logits_heuristic(op, shape, name, expected):
 def test_plan_losses_defaults_and_overrides():
     model = _one_output_model("Softmax", ["N", 4], "probs")
     plan = plan_losses(model)
-    assert plan.outputs == (OutputLoss("probs", "kl", probabilities=True),)
+    assert plan.outputs == (OutputLoss("probs", "kl", probabilities=True, logits="m"),)
     assert plan_losses(model, loss={"probs": "cosine"}).outputs[0].kind == "cosine"
     assert plan_losses(_one_output_model("Tanh", ["N", 4]), labels=False).outputs[0].kind == "mse"
     with pytest.raises(InputError, match="no output looks like class logits"):
@@ -100,6 +100,43 @@ def test_plan_losses_defaults_and_overrides():
         plan_losses(model, loss="huber")
     with pytest.raises(InputError, match="temperature"):
         plan_losses(model, temperature=0)
+
+
+def test_softmax_outputs_are_distilled_through_the_softmax_input():
+    model = _one_output_model("Softmax", ["N", 4], "probs")
+    plan = plan_losses(model)
+    assert plan.outputs[0].scores == "m" and plan.captured == ("m",)
+    renamed = _one_output_model("Softmax", ["N", 4], "probs")
+    renamed.graph.node[0].output[0] = renamed.graph.node[1].input[0] = "other"
+    assert plan_losses(model, teacher=renamed).outputs[0].logits is None  # the teacher lacks "m"
+    across_batch = _one_output_model("Softmax", ["N", 4], "probs")
+    across_batch.graph.node[1].attribute.append(helper.make_attribute("axis", 0))
+    assert plan_losses(across_batch).outputs[0].logits is None
+
+
+def test_kl_and_cross_entropy_read_the_softmax_input():
+    plan = plan_losses(_one_output_model("Softmax", ["N", 4], "probs"), labels=True)
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    student = {"probs": torch.softmax(s, -1), "m": s.clone().requires_grad_()}
+    teacher = {"probs": torch.softmax(t, -1), "m": t}
+    loss, parts = batch_loss(plan, student, teacher, torch.tensor([0, 1, 2]))
+    expected = kl_loss(s, t, plan.temperature) + torch.nn.functional.cross_entropy(s, torch.tensor([0, 1, 2]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert student["m"].grad is not None and float(student["m"].grad.abs().sum()) > 0
+
+
+def test_a_saturated_softmax_has_no_gradient_through_its_clamped_log():
+    """Why the softmax input is read: confidently wrong probabilities (0 where the teacher puts its
+    mass) give the clamped log zero gradient, the logits do not."""
+    s = torch.tensor([[40.0, 0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 40.0, 0.0]])
+    probabilities = torch.softmax(s, -1)
+    kl_loss(probabilities, torch.softmax(t, -1), 2.0, probabilities=True).backward()
+    assert float(s.grad.abs().sum()) < 1e-12
+    s.grad = None
+    kl_loss(s, t, 2.0).backward()
+    assert float(s.grad.abs().sum()) > 1.0
 
 
 def test_parse_loss_option():

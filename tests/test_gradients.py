@@ -89,6 +89,21 @@ def test_scores_equal_finite_differences_with_labels(tiny):
     np.testing.assert_allclose(scores(model, data, "fisher"), (d ** 2).mean(0), rtol=1e-4, atol=1e-7)
 
 
+def test_a_saturated_softmax_output_is_scored_through_its_input(tiny):
+    """A Keras-style probabilities output: the cross-entropy of the softmax input is exact where the
+    softmax saturates (the clamped log of 0 would give those samples no gradient)."""
+    _, weights, x, labels = tiny
+    weights = (weights[0], weights[1], weights[2] * 30, weights[3])  # logits far apart: saturated
+    model = mlp(*weights, output="z")
+    model.graph.node.append(helper.make_node("Softmax", ["z"], ["probs"], name="softmax", axis=-1))
+    model.graph.output[0].name = "probs"
+    logits = forward(weights, x.astype(np.float64))
+    assert (cross_entropy(logits, labels) > 28).any()  # probabilities below float32's reach
+    d = mask_derivatives(weights, x.astype(np.float64), labels)
+    data = {"x": x, "label": labels}
+    np.testing.assert_allclose(scores(model, data, "fisher"), (d ** 2).mean(0), rtol=1e-4, atol=1e-7)
+
+
 def test_taylor_without_labels_uses_the_predicted_class(tiny):
     model, weights, x, _ = tiny
     predicted = forward(weights, x.astype(np.float64)).argmax(1)

@@ -236,7 +236,7 @@ class _Trainer:
         self.batch = _batch_size(student, options.batch)
         self.fixed_batch = batch_size_for(student, default=0) != 0  # ORT would refuse a short last batch
         self.plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
-                                options.label_weight)
+                                options.label_weight, teacher)
         self.graph = TrainableGraph(student)
         self.trainable = [n for n, role in self.graph.roles.items()
                           if role == "param" or (role == "bn_param" and not options.freeze_bn)]
@@ -244,7 +244,7 @@ class _Trainer:
             raise InputError("student has no trainable float initializers")
         self.graph.set_trainable(self.trainable)
         self.optimizer = torch.optim.Adam([self.graph.parameters_by_name[n] for n in self.trainable], lr=options.lr)
-        self.teacher = TeacherRunner(teacher, options.match)
+        self.teacher = TeacherRunner(teacher, self.plan.captured)
         self.rng = np.random.default_rng(options.seed)
         self.history = DistillHistory(losses=_loss_names(self.plan, options.labels))
         self._bar = None  # the current epoch's progress bar (tqdm on a terminal)
@@ -344,7 +344,7 @@ def train_step(graph: "TrainableGraph", optimizer, plan: LossPlan, inputs: Mappi
     loss and its parts; a non-finite loss is returned without updating the weights."""
     import torch
 
-    student = graph(to_tensors(inputs), capture=plan.match)
+    student = graph(to_tensors(inputs), capture=plan.captured)
     teacher = {k: torch.from_numpy(np.asarray(v)) for k, v in targets.items()}
     label_tensor = torch.from_numpy(np.asarray(labels)) if labels is not None else None
     loss, parts = batch_loss(plan, student, teacher, label_tensor)
@@ -415,7 +415,7 @@ class Evaluation:
                 inputs = {n: feeds[n] for n in self.names}
                 check_feeds(self.student, inputs)
                 targets = teacher(inputs)
-                student = graph(to_tensors(inputs), capture=self.plan.match)
+                student = graph(to_tensors(inputs), capture=self.plan.captured)
                 loss, _ = batch_loss(self.plan, student, to_tensors(targets))
                 s, t = student[self.output].float().numpy(), np.asarray(targets[self.output], dtype=np.float32)
                 n = s.shape[0] if s.ndim else 1

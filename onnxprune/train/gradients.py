@@ -35,7 +35,7 @@ from onnxprune.ops.base import Slot, per_element, slot_axes
 from onnxprune.passes.dependency import Analysis
 from onnxprune.progress import progress
 from onnxprune.train import require_torch
-from onnxprune.train.losses import FLOAT_TYPES, looks_like_logits, producer_op
+from onnxprune.train.losses import FLOAT_TYPES, looks_like_logits, producer_op, softmax_input
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,13 @@ class Signal:
     others: tuple[str, ...]
     """Outputs scored by noise projection (fisher) or energy (taylor)."""
     probabilities: frozenset[str] = frozenset()
-    """Logit outputs that are softmax probabilities (their log is used)."""
+    """Logit outputs that are softmax probabilities (their log is used when their input is not known)."""
+    pre_softmax: tuple[tuple[str, str], ...] = ()
+    """(output, the softmax's input) pairs: cross-entropy reads the input, whose gradient does not
+    vanish where the softmax saturates."""
+
+    def scores(self, output: str) -> str:
+        return dict(self.pre_softmax).get(output, output)
 
     def describe(self, kind: str, labels: str | None) -> str:
         if self.logits:
@@ -95,7 +101,8 @@ def choose_signal(model: onnx.ModelProto) -> Signal:
         raise InputError("gradient criteria need a float model output to build a loss on; the model has none")
     if logits:
         probs = frozenset(n for n in logits if producer_op(model, n) == "Softmax")
-        return Signal(logits, (), probs)
+        inputs = tuple((n, softmax_input(model, n)) for n in sorted(probs))
+        return Signal(logits, (), probs, tuple((n, t) for n, t in inputs if t is not None))
     return Signal((), tuple(floats))
 
 
@@ -140,7 +147,8 @@ def gradient_scores(model: onnx.ModelProto, analysis: Analysis, data, *, kind: s
         for start in range(0, rows, step):
             feeds = {n: torch.from_numpy(np.ascontiguousarray(batch[n][start:start + step])) for n in inputs}
             part = None if target is None else torch.from_numpy(np.asarray(target[start:start + step])).long()
-            loss = _loss(signal, kind, engine(feeds), part, generator)
+            outputs = engine(feeds, capture=tuple(t for _, t in signal.pre_softmax))
+            loss = _loss(signal, kind, outputs, part, generator)
             if not torch.isfinite(loss):
                 raise InputError(f"criterion {kind!r}: the loss is not finite on the data "
                                  f"(samples from {seen + start})")
@@ -225,8 +233,8 @@ def _loss(signal: Signal, kind: str, outputs: "dict[str, torch.Tensor]", labels:
 
     total = torch.zeros((), dtype=torch.float64)
     for k, name in enumerate(signal.logits):
-        z = outputs[name].float()
-        if name in signal.probabilities:
+        z = outputs[signal.scores(name)].float()
+        if name in signal.probabilities and signal.scores(name) == name:
             z = z.clamp_min(1e-12).log()
         z = z.reshape(-1, z.shape[-1])
         if labels is not None and k == 0:

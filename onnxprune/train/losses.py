@@ -33,12 +33,20 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 @dataclass(frozen=True)
 class OutputLoss:
-    """The loss one graph output gets. `probabilities`: the output is a softmax, so KL works on
-    its logarithm (its logits up to a constant)."""
+    """The loss one graph output gets. `probabilities`: the output is a softmax. `logits`: that
+    softmax's input when both graphs compute it; KL and cross-entropy then work on it, since the log
+    of a saturated softmax (a pruned student can be confidently wrong on every sample) is clamped
+    and carries no gradient. Without it they fall back to the log of the probabilities."""
 
     name: str
     kind: str
     probabilities: bool = False
+    logits: str | None = None
+
+    @property
+    def scores(self) -> str:
+        """The tensor the KL / cross-entropy terms read."""
+        return self.logits or self.name
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,11 @@ class LossPlan:
     label_weight: float = 1.0
     match_weight: float = 1.0
     notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def captured(self) -> tuple[str, ...]:
+        """Intermediate tensors both graphs must hand back: `match` and the softmax inputs."""
+        return tuple(dict.fromkeys(self.match + tuple(t.logits for t in self.outputs if t.logits)))
 
 
 def looks_like_logits(model: onnx.ModelProto, output: str) -> bool:
@@ -89,13 +102,37 @@ def producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
     return None
 
 
+def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
+    """The input of the Softmax that computes `output` (through shape-only and identity ops) when
+    it normalises the last axis, else None."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    tensor, seen = output, set()
+    while tensor in producers and tensor not in seen:
+        seen.add(tensor)
+        node = producers[tensor]
+        if node.op_type == "Softmax":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            return node.input[0] if axis in (-1, _rank(model, output) - 1) else None
+        if node.op_type not in PASS_THROUGH or not node.input:
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def _rank(model: onnx.ModelProto, output: str) -> int:
+    info = next(o for o in model.graph.output if o.name == output)
+    return len(info.type.tensor_type.shape.dim)
+
+
 def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto", temperature: float = 2.0,
-                match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0
-                ) -> LossPlan:
+                match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0,
+                teacher: onnx.ModelProto | None = None) -> LossPlan:
     """Choose each float output's loss (integer outputs, e.g. an arg-max, carry no gradient and are
     left out). `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
     one kind for every output, or `{output: kind}` (outputs not named get 'auto'). With `labels`,
-    cross-entropy applies to the first output that looks like logits (refused when none does)."""
+    cross-entropy applies to the first output that looks like logits (refused when none does).
+    A softmax output is distilled through its input when `teacher` (default: `model`) computes a
+    tensor of the same name."""
     if temperature <= 0 or not np.isfinite(temperature):
         raise InputError(f"temperature must be a positive number, got {temperature:g}")
     names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
@@ -109,7 +146,10 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
         if kind == "auto":
             kind = "kl" if logits else "mse"
         probabilities = kind == "kl" and producer_op(model, name) == "Softmax"
-        outputs.append(OutputLoss(name, kind, probabilities))
+        pre_softmax = softmax_input(model, name) if probabilities else None
+        if pre_softmax is not None and not _computes(teacher or model, pre_softmax):
+            pre_softmax = None
+        outputs.append(OutputLoss(name, kind, probabilities, pre_softmax))
     label_output = None
     if labels:
         label_output = next((n for n in names if looks_like_logits(model, n)), None)
@@ -119,6 +159,10 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
     if label_weight < 0 or not np.isfinite(label_weight):
         raise InputError(f"label weight must be >= 0, got {label_weight:g}")
     return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight))
+
+
+def _computes(model: onnx.ModelProto, tensor: str) -> bool:
+    return any(tensor in node.output for node in model.graph.node)
 
 
 def _chosen_kinds(loss: "str | Mapping[str, str]", names: list[str]) -> dict[str, str]:
@@ -198,7 +242,7 @@ def output_loss(term: OutputLoss, student: "torch.Tensor", teacher: "torch.Tenso
         raise InputError(f"output {term.name}: student shape {tuple(student.shape)} differs from the teacher's "
                          f"{tuple(teacher.shape)}")
     if term.kind == "kl":
-        return kl_loss(student, teacher, temperature, term.probabilities)
+        return kl_loss(student, teacher, temperature, term.probabilities and not term.logits)
     if term.kind == "cosine":
         return cosine_loss(student, teacher)
     return mse_loss(student, teacher)
@@ -208,14 +252,15 @@ def batch_loss(plan: LossPlan, student: "Mapping[str, torch.Tensor]", teacher: "
                labels: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, dict[str, float]]":
     """The distillation loss of one batch and its parts by name (`kl:logits`, `match:h1`, `ce`).
 
-    `student` holds the student's outputs and captured `plan.match` tensors, `teacher` the same
+    `student` holds the student's outputs and captured `plan.captured` tensors, `teacher` the same
     names from the teacher (float tensors, no gradient); `labels` enables the cross-entropy term."""
     import torch
 
     total = torch.zeros((), dtype=torch.float32)
     parts = {}
     for term in plan.outputs:
-        value = output_loss(term, student[term.name].float(), teacher[term.name].float(), plan.temperature)
+        name = term.scores if term.kind == "kl" else term.name
+        value = output_loss(term, student[name].float(), teacher[name].float(), plan.temperature)
         parts[f"{term.kind}:{term.name}"] = value
         total = total + value
     for name in plan.match:
@@ -227,8 +272,9 @@ def batch_loss(plan: LossPlan, student: "Mapping[str, torch.Tensor]", teacher: "
         parts[f"match:{name}"] = value
         total = total + value
     if labels is not None and plan.label_output is not None and plan.label_weight > 0:
-        probabilities = any(t.probabilities for t in plan.outputs if t.name == plan.label_output)
-        value = cross_entropy_loss(student[plan.label_output].float(), labels, probabilities) * plan.label_weight
+        term = next(t for t in plan.outputs if t.name == plan.label_output)
+        value = cross_entropy_loss(student[term.scores].float(), labels,
+                                   term.probabilities and not term.logits) * plan.label_weight
         parts["ce"] = value
         total = total + value
     return total, {k: float(v.detach()) for k, v in parts.items()}
