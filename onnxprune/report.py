@@ -124,8 +124,11 @@ def distill_line(history: dict) -> str:
     before, after = history["before"].get(metric), history["after"].get(metric)
     change = f"; {metric} on {history['evaluated_on']} {before:.4f} -> {after:.4f}" if before is not None else ""
     loss = f"; final loss {history['final_loss']:.4g}" if history.get("final_loss") is not None else ""
+    # a learning rate too large for the model makes every epoch worse than the student it was given
+    hint = ("; no epoch improved on the given student, which is returned unchanged: try a lower --lr"
+            if history["epochs"] and not history["best_epoch"] else "")
     return (f"distill: {len(history['epochs'])} epoch(s) ({history['stopped']}; weights of epoch "
-            f"{history['best_epoch']} kept){change}{loss}; {history['seconds']:.1f} s")
+            f"{history['best_epoch']} kept){change}{loss}; {history['seconds']:.1f} s{hint}")
 
 
 def analysis_listing(analysis: Analysis) -> str:

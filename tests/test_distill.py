@@ -155,6 +155,11 @@ def test_without_eval_data_a_worse_student_is_never_returned():
     h = result.history
     assert h.epochs and h.best_epoch == 0 and h.after == h.before
     assert result.model.SerializeToString() == student.SerializeToString()
+    from onnxprune.report import distill_line
+
+    assert "no epoch improved on the given student" in distill_line(h.to_dict())
+    assert "no epoch improved" not in distill_line(onnxprune.distill(student, teacher, {INPUT: images()}, epochs=2,
+                                                                     lr=1e-3, quiet=True).history.to_dict())
 
 
 def _softmax_head(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
