@@ -79,7 +79,7 @@ def fold_zero_products(graph: gs.Graph) -> None:
         if not _zero_product(node):
             continue
         a, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        rank, name = len(a.shape), f"{node.name}_zero"
+        rank, name = len(a.shape), f"{y.name}_zero"  # tensor names are unique, node names may be empty
         shape = gs.Variable(f"{name}_input_shape", dtype=np.int64, shape=[rank])
         lead = gs.Variable(f"{name}_lead", dtype=np.int64, shape=[rank - 1])
         target = gs.Variable(f"{name}_shape", dtype=np.int64, shape=[rank])
