@@ -547,3 +547,68 @@ def test_state_read_by_a_gather_ties_the_directions_again():
     assert group.parts is None and group.size == H
     result = prune_half(model)
     assert result.report.channels_removed == H // 2
+
+
+def unrolled_rnn(fill: str, dead: tuple[int, ...] = ()) -> tuple[onnx.ModelProto, str]:
+    """An unrolled RNN as the dynamo exporter writes `nn.RNN` with a dynamic batch: the zero state is
+    a fill of run-time shape (Shape → Gather → Concat with the constant H), multiplied by the
+    recurrent weight that every step shares, then added to the input projection. `dead`: units
+    whose input and recurrent columns and biases are zero. Returns (model, recurrent weight)."""
+    b = GraphBuilder(seed=11)
+    x = b.input([T, "batch", FEATURES])
+    batch = b.op("Gather", [b.op("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+    if fill == "Expand":
+        shape = b.op("Concat", [batch, b.const(np.array([H], np.int64))], axis=0)
+        state = b.op("Expand", [b.const(np.array(0.0, np.float32)), shape])
+    else:  # [layers, B, H], one layer's slice squeezed (torch's h_0 for a stacked RNN)
+        shape = b.op("Concat", [b.const(np.array([2], np.int64)), batch, b.const(np.array([H], np.int64))], axis=0)
+        zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        one = b.const(np.array([0], np.int64))
+        state = b.op("Squeeze", [b.op("Slice", [zeros, one, b.const(np.array([1], np.int64)), one]), one])
+    wx, bx, wh, bh = b.weight([FEATURES, H]), b.weight([H], "b"), b.weight([H, H]), b.weight([H], "b")
+    projected = b.op("Add", [b.op("MatMul", [x, wx]), bx])
+    for step in range(T):
+        here = b.op("Gather", [projected, b.const(np.array(step, np.int64))], axis=0)
+        state = b.op("Tanh", [b.op("Add", [b.op("Add", [b.op("MatMul", [state, wh]), bh]), here])])
+    b.op("Add", [b.op("MatMul", [state, b.weight([H, 2])]), b.weight([2], "b")])
+    b.nodes[-1].output[0] = "y"
+    b.output("y")
+    model = b.model()
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in (wx, bx, wh, bh):
+        value = numpy_helper.to_array(inits[name]).copy()
+        value[..., list(dead)] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    return model, wh
+
+
+def _weight_shapes(model: onnx.ModelProto, name: str) -> set[tuple[int, ...]]:
+    """Shapes of the initializer `name` and of its private copies (`name__shared<k>`)."""
+    return {tuple(t.dims) for t in model.graph.initializer if t.name == name or t.name.startswith(f"{name}__")}
+
+
+@pytest.mark.parametrize("fill", ["Expand", "ConstantOfShape"])
+def test_zero_state_times_the_recurrent_weight_follows_the_units(fill):
+    """`MatMul(zero state, W_hh)` of an unrolled RNN with a dynamic batch: the state's width was tied
+    to nothing, so the first step's copy of W_hh kept all its rows. The product is a zero fill
+    whose width follows the units: every copy loses the same rows and columns."""
+    model, wh = unrolled_rnn(fill)
+    result = onnxprune.prune(model, ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert _weight_shapes(result.model, wh) == {(H - H // 2, H - H // 2)}
+    for batch in (1, 3):
+        feeds = random_inputs(model, 0, batch=batch)
+        got, want = session(result.model).run(None, feeds), session(model).run(None, feeds)
+        assert [g.shape for g in got] == [w.shape for w in want]
+    # units 1 and 4 dead: removed exactly, leaving the weights a model built 4 units wide has
+    planted, wh = unrolled_rnn(fill, dead=(1, 4))
+    exact = onnxprune.prune(planted, lossless=True)
+    assert exact.report.channels_removed == 2
+    assert _weight_shapes(exact.model, wh) == {(H - 2, H - 2)}
+    onnx.checker.check_model(exact.model, full_check=True)
+    for batch in (1, 3):
+        feeds = random_inputs(planted, batch, batch=batch)
+        got, want = session(exact.model).run(None, feeds), session(planted).run(None, feeds)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)

@@ -289,8 +289,8 @@ def _values_of(table: ValueTable, name: str, view: NodeView) -> dict[int, np.nda
     return found or None
 
 
-FILL_OPS = ("Expand", "Cast", "Identity", "Unsqueeze", "Reshape")
-"""Ops that spread or relabel one constant value without changing it."""
+FILL_OPS = ("Expand", "Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Slice")
+"""Ops that spread, select or relabel elements of their first input without changing them."""
 
 
 def fill_value(tensor: gs.Tensor | None) -> float | None:

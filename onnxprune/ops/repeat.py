@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, identity, register
+from onnxprune.ops.base import Freeze, NodeView, OpRule, Slot, Tie, ValueTable, identity, register
 from onnxprune.ops.shape_values import Dim, Known, shape_value
 from onnxprune.ops.targets import (computed_target, repeat_axes, target_entry_ties, update_computed_target,
                                    write_sources)
@@ -123,6 +123,13 @@ class Expand(OpRule):
         extra = target_entry_ties(v, target, [main])  # a dim read from another tensor (expand_as)
         return extra if isinstance(extra, Freeze) else [main] + extra
 
+    def propagate(self, v: NodeView, values: ValueTable) -> None:
+        """A broadcast constant (a zero state) holds its one value in every channel (other slots
+        get theirs along the ties)."""
+        value = v.const(v.inputs[0])
+        if value is not None and value.size and np.all(value == value.reshape(-1)[0]):
+            fill_slots(v, float(value.reshape(-1)[0]), values)
+
     def update(self, v: NodeView, edit) -> None:
         if not v.is_const(v.inputs[1]):
             return update_computed_target(v, edit, fixed=(0, -1, 1))
@@ -141,13 +148,20 @@ def _is_fill(v: NodeView, x: str, in_axis: int) -> bool:
             and (in_axis < 0 or v.dim((x, in_axis)) == 1))
 
 
+def fill_slots(v: NodeView, value: float, values: ValueTable) -> None:
+    """Every channel slot of the node's output holds `value` in each element."""
+    y = v.outputs[0]
+    for axis in range(v.rank(y) or 0):
+        vals = values.get((y, axis))
+        if vals is not None:
+            values.set((y, axis), np.full(len(vals), value))
+
+
 @register("ConstantOfShape")
 class ConstantOfShape(OpRule):
     """One value filled into a shape (torch's zero state `ConstantOfShape(Concat(batch, [H]))`):
     every channel holds the same value, so any may go; the constant element that spells the
     channel count is rewritten."""
-
-    value_preserving = True
 
     def ties(self, v: NodeView, slot: Slot):
         if slot[0] != v.outputs[0]:
@@ -157,6 +171,12 @@ class ConstantOfShape(OpRule):
         if isinstance(entry, Known) and entry.source is not None:
             return []
         return Freeze("ConstantOfShape: the size of the channel axis is not a constant it can rewrite")
+
+    def propagate(self, v: NodeView, values: ValueTable) -> None:
+        fill = v.attr("value")
+        fill = np.asarray(fill.values if hasattr(fill, "values") else (0.0 if fill is None else fill)).reshape(-1)
+        if fill.size == 1:
+            fill_slots(v, float(fill[0]), values)
 
     def update(self, v: NodeView, edit) -> None:
         writes = {}

@@ -9,6 +9,11 @@ Both rewrites are exact (same values, bit for bit) and only make the channel str
   the copies that are still equal again before export, so an unpruned model does not grow.
 - The dynamo exporter also shares one computed reshape target among layers; each reader gets its
   own Concat so a layer's head count can change alone.
+- A product of a zero state and a constant weight (`MatMul(0, W)`: the dynamo exporter's unrolled
+  `nn.RNN` multiplies its zero initial state by the recurrent weight at the first step) is a zero
+  fill of the product's shape (`fold_zero_products`). The state's width was tied to nothing (the
+  weight's rows are a contraction, reached only from the state), so that step's weight kept all its
+  rows; the fill's output meets the units at the bias Add, and its constant width is rewritten.
 - The dynamo exporter decomposes `Kᵀ` of scaled dot-product attention into
   Reshape [B·H, S, D] → Transpose → Reshape [B, H, D, S], which merges the head axis with the
   symbolic batch axis; it is one Transpose(perm [0, 1, 3, 2]).
@@ -37,6 +42,7 @@ COPY_MARK = "__shared"
 def canonicalize(graph: gs.Graph, opset: int) -> gs.Graph:
     """Apply every rewrite of this module to `graph` in place; returns it."""
     canonicalize_bodies(graph)
+    fold_zero_products(graph)
     split_shared_constants(graph)
     split_shared_shape_targets(graph)
     fold_transpose_round_trips(graph, opset)
@@ -60,6 +66,51 @@ def split_shared_constants(graph: gs.Graph) -> None:
             uses[tensor.name] = k + 1
             if k:
                 set_input(node, i, gs.Constant(f"{tensor.name}{COPY_MARK}{k}", np.array(tensor.values, copy=True)))
+
+
+def fold_zero_products(graph: gs.Graph) -> None:
+    """`MatMul(A, W)` where every element of A is 0 (a fill, see `fill_value`) and W is a finite 2-D
+    constant becomes `ConstantOfShape(Concat(Shape(A)[:-1], [N]), 0)`: exact (0·w = 0 for finite w),
+    and the width N is a constant the ConstantOfShape rule rewrites with the kept units. Runs before
+    `split_shared_constants`, so W, when the other steps read it too, gets no private copy for a
+    product that is gone. Outer graph only (bodies keep their nodes)."""
+    changed = False
+    for node in list(graph.nodes):
+        if not _zero_product(node):
+            continue
+        a, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rank, name = len(a.shape), f"{y.name}_zero"  # tensor names are unique, node names may be empty
+        shape = gs.Variable(f"{name}_input_shape", dtype=np.int64, shape=[rank])
+        lead = gs.Variable(f"{name}_lead", dtype=np.int64, shape=[rank - 1])
+        target = gs.Variable(f"{name}_shape", dtype=np.int64, shape=[rank])
+        axes = gs.Constant(f"{name}_lead_axes", np.arange(rank - 1, dtype=np.int64))
+        width = gs.Constant(f"{name}_width", np.array([w.shape[1]], dtype=np.int64))
+        zero = gs.Constant(f"{name}_value", np.zeros(1, dtype=np.dtype(a.dtype)))
+        node.outputs.clear()
+        graph.nodes += [gs.Node("Shape", f"{name}_Shape", inputs=[a], outputs=[shape]),
+                        gs.Node("Gather", f"{name}_Gather", {"axis": 0}, [shape, axes], [lead]),
+                        gs.Node("Concat", f"{name}_Concat", {"axis": 0}, [lead, width], [target]),
+                        gs.Node("ConstantOfShape", f"{name}_fill", {"value": zero}, [target], [y])]
+        changed = True
+    if changed:
+        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+        graph.toposort()
+
+
+def _zero_product(node: gs.Node) -> bool:
+    """Whether `node` is `MatMul(A, W)` with A all zeros (float, rank >= 2 known) and W a finite
+    2-D constant."""
+    if node.op != "MatMul" or len(node.inputs) != 2:
+        return False
+    a, w = node.inputs
+    if not isinstance(a, gs.Variable) or not isinstance(w, gs.Constant) or a.shape is None or len(a.shape) < 2 \
+            or a.dtype is None or len(w.shape) != 2 or fill_value(a) != 0.0:
+        return False
+    try:
+        floating = np.issubdtype(np.dtype(a.dtype), np.floating)
+    except TypeError:  # a dtype numpy does not know (bfloat16)
+        return False
+    return floating and bool(np.all(np.isfinite(np.asarray(w.values))))  # 0·inf is NaN
 
 
 def split_shared_shape_targets(graph: gs.Graph) -> None:

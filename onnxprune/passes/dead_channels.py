@@ -39,15 +39,15 @@ def _propagate(analysis: Analysis, nodes: list[gs.Node], table: ValueTable) -> N
     for node in nodes:
         ties = analysis.node_ties.get(node.name)
         rule = rule_for(node, analysis.opset)
-        if not ties or rule is None:
+        if ties is None or rule is None:  # asked by no slot (an empty list: asked, no tie, as a fill)
             continue
         if node.op in BODY_OPS:  # the body runs here, to a fixed point of its carried state
             view = analysis.view(node)
             propagate_loop(node, table, lambda body: _propagate(analysis, body, table), view)
-        elif rule.value_preserving:
+            continue
+        if rule.value_preserving:
             _copy_along_ties(node, ties, table)
-        else:
-            rule.propagate(analysis.view(node), table)
+        rule.propagate(analysis.view(node), table)  # a fill's one value reaches its slots with no tie
 
 
 def _copy_along_ties(node, ties, table: ValueTable) -> None:
