@@ -7,7 +7,7 @@ the pruned dynamic model passes the full checker and runs at batch 1 and 3 with 
 shapes. The attention tiny configs are tests/test_zoo_dynamic.py's (both exporters there).
 
 For CI time the slowest cases (TOO_SLOW, with the seconds each took on a shared 2-core machine) are
-left to `benchmarks/zoo_sweep.py --shapes`; the 15 cases kept here took about 80 s together. When
+left to `benchmarks/zoo_sweep.py --shapes`; the 15 cases kept here took about 60 s together. When
 this file was written all 20 CNN cases, slow ones included, removed exactly the same share of
 params dynamic and static.
 """
