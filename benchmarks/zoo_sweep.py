@@ -453,15 +453,15 @@ Exports with a dynamic batch compute reshape targets at run time and, in `nn.Mul
 merge the batch with the heads (`[S, B·H, D]`); docs/transformers.md ("Dynamic batch and sequence")
 says how the import rewrites both so the dynamic row prunes as its static twin.
 
-- Last run (2-core shared machine): every dynamic export prunes the same groups as its static twin,
-  and the shares are equal up to the exporters' shape constants, which count as params (MaxViT's
-  TorchScript dynamic export holds 48 more constant elements: 52.03% vs 52.06%, hence its 52.0% /
-  52.1% row). ViT-B/16 and Swin-T prune their 12 head groups by default on both exporters and both
-  shape modes.
-- The rows of SqueezeNet, MNASNet, MaxViT (tiny config), LR-ASPP, MobileNetV2, RegNetX, GoogLeNet,
-  DeepLabV3, EfficientNetV2, Inception-v3, ConvNeXt and FCN were added in a later run with
-  `--no-torch-pruning` (Torch-Pruning "not run" here); the torchvision section above has its
-  figures for all of them but the MaxViT tiny config.
+- Last run (2-core shared machine): every dynamic export prunes the same groups (and heads) as its
+  static twin, and the shares are equal up to the exporters' shape constants, which count as params
+  (MaxViT's TorchScript dynamic export holds 48 more constant elements: 52.03% vs 52.06%, hence its
+  52.0% / 52.1% row). ViT-B/16 and Swin-T prune their 12 head groups, MaxViT-T its 22, by default
+  on both exporters and both shape modes.
+- The rows of AlexNet, VGG, ResNeXt, Wide-ResNet, SqueezeNet, GoogLeNet, Inception-v3, MobileNetV2,
+  MNASNet, EfficientNetV2, RegNetX, ConvNeXt, MaxViT, FCN, DeepLabV3 and LR-ASPP were added in a
+  later run with `--no-torch-pruning` (Torch-Pruning "not run" here); the torchvision section above
+  has its figures for all of them but the two MaxViT models.
 - The segmentation models' TorchScript dynamic exports (FCN, DeepLabV3, LR-ASPP) declare the
   outputs' channel dims symbolic, so the final Resizes' output channel counts are unknown and they
   are the freeze reasons shown; those groups are the class outputs, frozen in both modes, so
