@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from torchvision_zoo import CATALOGUE, export_cached, lossless_error, prune_and_run
+from torchvision_zoo import BY_NAME, ci_cases, export_cached, lossless_error, prune_and_run
 
 pytestmark = pytest.mark.zoo
 
@@ -20,32 +20,12 @@ VARIANTS = ("legacy-folded", "legacy-bn", "dynamo")
 LOSSLESS_TOL = 1e-4
 """Max output difference relative to the output's scale: float32 reassociation only."""
 
-CI_VARIANT = {
-    "resnet18": "dynamo", "squeezenet1_1": "dynamo", "mobilenet_v3_small": "dynamo", "regnet_x_400mf": "dynamo",
-    "vit_tiny_config": "dynamo", "swin_tiny_config": "dynamo", "maxvit_tiny_config": "dynamo",
-    "googlenet": "legacy-bn", "mnasnet0_5": "legacy-bn", "efficientnet_b0": "legacy-bn",
-    "shufflenet_v2_x0_5": "legacy-bn", "lraspp_mobilenet_v3_large": "legacy-bn", "resnext_tiny_config": "legacy-bn",
-    "regnet_y_400mf": "legacy-bn",
-}
-"""The dynamo exporter is the slowest, so it gets the light models; the others export legacy-folded."""
-
-SKIP_IN_CI = {"vgg11_bn", "alexnet"}
-"""Their 60-130M-parameter classifiers cost more CI time than they add coverage (the sweep runs them)."""
-
-CASES = [(m.name, CI_VARIANT.get(m.name, "legacy-folded"))
-         for m in CATALOGUE if m.small and m.name not in SKIP_IN_CI]
-BY_NAME = {m.name: m for m in CATALOGUE}
-
-
-@pytest.fixture(scope="session")
-def zoo_dir(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
-    return tmp_path_factory.mktemp("torchvision_zoo")
+CASES = ci_cases()
 
 
 def _exported(name: str, variant: str, zoo_dir):
-    """The model with planted dead channels, exported once per session (both tests reuse it)."""
+    """The model with planted dead channels, exported once per session (both tests reuse it; `zoo_dir` is
+    conftest.py's session-wide export folder)."""
     return export_cached(BY_NAME[name], variant, zoo_dir, dead=True)
 
 

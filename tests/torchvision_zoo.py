@@ -115,6 +115,24 @@ CATALOGUE: list[ZooModel] = [
 
 BY_NAME = {m.name: m for m in CATALOGUE}
 
+CI_VARIANT = {
+    "resnet18": "dynamo", "squeezenet1_1": "dynamo", "mobilenet_v3_small": "dynamo", "regnet_x_400mf": "dynamo",
+    "vit_tiny_config": "dynamo", "swin_tiny_config": "dynamo", "maxvit_tiny_config": "dynamo",
+    "googlenet": "legacy-bn", "mnasnet0_5": "legacy-bn", "efficientnet_b0": "legacy-bn",
+    "shufflenet_v2_x0_5": "legacy-bn", "lraspp_mobilenet_v3_large": "legacy-bn", "resnext_tiny_config": "legacy-bn",
+    "regnet_y_400mf": "legacy-bn",
+}
+"""The dynamo exporter is the slowest, so it gets the light models; the others export legacy-folded."""
+
+SKIP_IN_CI = {"vgg11_bn", "alexnet"}
+"""Their 60-130M-parameter classifiers cost more CI time than they add coverage (the sweep runs them)."""
+
+
+def ci_cases(skip: "set[str] | frozenset[str]" = frozenset()) -> list[tuple[str, str]]:
+    """(model, exporter variant) for the CI tier: the small model of each family, less SKIP_IN_CI and `skip`."""
+    return [(m.name, CI_VARIANT.get(m.name, "legacy-folded"))
+            for m in CATALOGUE if m.small and m.name not in SKIP_IN_CI | set(skip)]
+
 
 def build(entry: ZooModel, seed: int = 0):
     """The torch model with seeded random weights and random BatchNorm statistics (so BN is not an
