@@ -26,7 +26,7 @@ from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_sho
 from onnxprune.errors import InputError
 from onnxprune.train import require_torch
 from onnxprune.train.augment import augment_batch
-from onnxprune.train.losses import LossPlan, batch_loss, plan_losses
+from onnxprune.train.losses import LossPlan, batch_loss, computes, plan_losses
 
 if TYPE_CHECKING:
     import torch
@@ -531,7 +531,7 @@ def check_match(student: onnx.ModelProto, teacher: onnx.ModelProto, match: tuple
     the first batch: only equal shapes can be matched)."""
     for name in match:
         for role, model in (("student", student), ("teacher", teacher)):
-            if not any(name in node.output for node in model.graph.node):
+            if not computes(model, name):
                 raise InputError(f"--match {name}: no node of the {role} computes a tensor of that name")
 
 

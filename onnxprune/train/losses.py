@@ -91,13 +91,19 @@ def looks_like_logits(model: onnx.ModelProto, output: str) -> bool:
 
 def producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
     """The op that computes `tensor`, looking through shape-only and identity ops."""
+    node = _producer(model, tensor)
+    return node.op_type if node is not None else None
+
+
+def _producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
+    """The node that computes `tensor`, looking through shape-only and identity ops."""
     producers = {out: node for node in model.graph.node for out in node.output}
     seen = set()
     while tensor in producers and tensor not in seen:
         seen.add(tensor)
         node = producers[tensor]
         if node.op_type not in PASS_THROUGH or not node.input:
-            return node.op_type
+            return node
         tensor = node.input[0]
     return None
 
@@ -105,18 +111,11 @@ def producer_op(model: onnx.ModelProto, tensor: str) -> str | None:
 def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
     """The input of the Softmax that computes `output` (through shape-only and identity ops) when
     it normalises the last axis, else None."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    tensor, seen = output, set()
-    while tensor in producers and tensor not in seen:
-        seen.add(tensor)
-        node = producers[tensor]
-        if node.op_type == "Softmax":
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-            return node.input[0] if axis in (-1, _rank(model, output) - 1) else None
-        if node.op_type not in PASS_THROUGH or not node.input:
-            return None
-        tensor = node.input[0]
-    return None
+    node = _producer(model, output)
+    if node is None or node.op_type != "Softmax":
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    return node.input[0] if axis in (-1, _rank(model, output) - 1) else None
 
 
 def _rank(model: onnx.ModelProto, output: str) -> int:
@@ -147,7 +146,7 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
             kind = "kl" if logits else "mse"
         probabilities = kind == "kl" and producer_op(model, name) == "Softmax"
         pre_softmax = softmax_input(model, name) if probabilities else None
-        if pre_softmax is not None and not _computes(teacher or model, pre_softmax):
+        if pre_softmax is not None and not computes(teacher or model, pre_softmax):
             pre_softmax = None
         outputs.append(OutputLoss(name, kind, probabilities, pre_softmax))
     label_output = None
@@ -161,7 +160,8 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
     return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight))
 
 
-def _computes(model: onnx.ModelProto, tensor: str) -> bool:
+def computes(model: onnx.ModelProto, tensor: str) -> bool:
+    """Whether a node of `model`'s graph outputs `tensor`."""
     return any(tensor in node.output for node in model.graph.node)
 
 
