@@ -403,8 +403,9 @@ SHAPE_MODELS = ["vit_b_16", "swin_t"]
 """Default of `--shapes`: the transformers whose dynamic exports used to under-prune."""
 
 
-def sweep_shapes(names: list[str], no_torch_pruning: bool, render: bool) -> int:
-    """Static vs dynamic batch rows per model (see the module doc), cached per model like the rest."""
+def sweep_shapes(names: list[str], no_torch_pruning: bool, render: bool, tp_only: bool = False) -> int:
+    """Static vs dynamic batch rows per model (see the module doc), cached per model like the rest;
+    `tp_only` re-runs only Torch-Pruning and keeps the model's cached rows."""
     from torchvision_zoo import CATALOGUE
 
     cache = CACHE / "shapes"
@@ -414,7 +415,7 @@ def sweep_shapes(names: list[str], no_torch_pruning: bool, render: bool) -> int:
             t0 = time.perf_counter()
             path = cache / f"{name}.json"
             earlier = json.loads(path.read_text()) if path.exists() else []
-            rows = run_model(name, Path(tmp), _SHAPES_CHILD)
+            rows = earlier if tp_only and earlier else run_model(name, Path(tmp), _SHAPES_CHILD)
             tp = _torch_pruning(name, earlier, no_torch_pruning)
             for r in rows:
                 r["tp"] = tp
@@ -490,7 +491,7 @@ def main() -> int:
                         help="static vs dynamic batch rows, with and without prune_hidden (own doc section)")
     args = parser.parse_args()
     if args.shapes:
-        return sweep_shapes(args.models or SHAPE_MODELS, args.no_torch_pruning, args.render)
+        return sweep_shapes(args.models or SHAPE_MODELS, args.no_torch_pruning, args.render, args.tp_only)
     names = [] if args.render else (args.models or [m.name for m in CATALOGUE if m.sweep])
     CACHE.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

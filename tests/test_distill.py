@@ -94,6 +94,24 @@ def test_early_stopping_and_time_budget(pair):
     assert budget.stopped == "time budget" and len(budget.epochs) < 1000 and budget.seconds < 10
 
 
+def test_learning_rate_decays_over_the_nearer_end_epochs_or_budget(pair):
+    """A budget that ends before the epochs paces the cosine decay by the clock; a generous one
+    leaves the per-epoch decay (and so determinism) alone."""
+    import time
+
+    from onnxprune.train.distill import _Trainer
+
+    teacher, student = pair
+    trainer = _Trainer(student, teacher, {INPUT: images()}, DistillOptions(epochs=1000, lr=1.0, max_minutes=10))
+    now = time.monotonic()
+    assert trainer.learning_rate(1, None) == 1.0
+    assert trainer.learning_rate(1, now + 600) == pytest.approx(1.0, abs=1e-3)  # budget just started
+    assert trainer.learning_rate(1, now + 300) == pytest.approx(0.5, abs=1e-3)  # half the budget spent
+    assert trainer.learning_rate(1, now - 1) == 0.0  # budget over
+    generous = _Trainer(student, teacher, {INPUT: images()}, DistillOptions(epochs=4, lr=1.0, max_minutes=600))
+    assert generous.learning_rate(3, time.monotonic() + 600 * 60 - 1) == pytest.approx(0.5)
+
+
 def test_feature_matching_on_a_tensor_of_equal_shape():
     teacher = tiny_classifier()
     student = perturbed(teacher)

@@ -250,15 +250,15 @@ class _Trainer:
         self._bar = None  # the current epoch's progress bar (tqdm on a terminal)
 
     def epoch(self, epoch: int, deadline: float | None) -> "tuple[EpochRecord | None, bool]":
-        """One pass over the data at this epoch's learning rate (cosine decay: large steps first,
-        fine ones last): its record (None if no step ran) and whether the time budget ran out."""
+        """One pass over the data (see `learning_rate`): its record (None if no step ran) and
+        whether the time budget ran out."""
         options, t0 = self.options, time.monotonic()
-        for group in self.optimizer.param_groups:
-            group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / options.epochs))
         losses: list[float] = []
         parts: dict[str, list[float]] = {}
         samples = 0
         for inputs, labels in self._batches(epoch):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(epoch, deadline)
             loss, step_parts = train_step(self.graph, self.optimizer, self.plan, inputs, self.teacher(inputs), labels)
             if not math.isfinite(loss):
                 raise InputError(f"distillation loss became {loss} at epoch {epoch}, step {len(losses) + 1} "
@@ -280,6 +280,17 @@ class _Trainer:
         record = EpochRecord(epoch, float(np.mean(losses)), {k: float(np.mean(v)) for k, v in parts.items()}, {},
                              time.monotonic() - t0)
         return record, out_of_time
+
+    def learning_rate(self, epoch: int, deadline: float | None) -> float:
+        """Cosine decay from `lr` towards 0 (large steps first, fine ones last) over the epochs, or
+        over the time budget where that ends sooner: a run the budget cuts short still ends on
+        small steps. The time term only counts once it is ahead of the epochs, so a generous budget
+        leaves the run deterministic."""
+        progress = (epoch - 1) / self.options.epochs
+        if deadline is not None and self.options.max_minutes:
+            budget = self.options.max_minutes * 60
+            progress = max(progress, 1 - (deadline - time.monotonic()) / budget)
+        return self.options.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def _batches(self, epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """(inputs, labels or None) per step: shuffled, augmented if asked, checked against the model."""
