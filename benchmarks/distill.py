@@ -182,20 +182,29 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
     from onnxprune.train.distill import DistillOptions
 
     bench = _module(HERE / "minilm.py", "minilm_bench")
-    texts = bench.docstring_sentences(train_sentences + eval_sentences)
+    texts = bench.docstring_sentences(10 ** 6, wide=True)
+    np.random.default_rng(0).shuffle(texts)  # the three parts from one distribution, none shared
+    train_sentences = min(train_sentences, len(texts) - VALIDATION - eval_sentences)
     tmp = Path(tempfile.mkdtemp(prefix="onnxprune-minilm-"))
     original = tmp / "minilm.onnx"
     tokenizer = bench.export(original, "legacy")
 
     def batches(part):
-        """Batches of 32, all padded to the longest sentence of `part` (the distillation's shuffle
-        buffer mixes rows of different batches, so their lengths must agree)."""
-        enc = tokenizer(part, padding=True, truncation=True, max_length=128, return_tensors="np")
-        return [{"input_ids": enc["input_ids"][i:i + 32].astype(np.int64),
-                 "attention_mask": enc["attention_mask"][i:i + 32].astype(np.int64)} for i in range(0, len(part), 32)]
+        """Batches of 32 sentences of similar length (sorted by token count), each padded to a multiple
+        of 8 tokens: little padding to compute, and the shuffle buffer, which mixes rows of equal
+        shape only, still has several batches to mix per length."""
+        part = sorted(part, key=lambda text: len(tokenizer(text)["input_ids"]))
+        out = []
+        for i in range(0, len(part), 32):
+            enc = tokenizer(part[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="np")
+            pad = ((0, 0), (0, -enc["input_ids"].shape[1] % 8))
+            out.append({k: np.pad(enc[k], pad).astype(np.int64) for k in ("input_ids", "attention_mask")})
+        return out
 
-    train_sentences = min(train_sentences, len(texts) * 3 // 4)  # fewer docstrings installed than asked for
-    train, held = batches(texts[:train_sentences]), batches(texts[train_sentences:])
+    train = batches(texts[:train_sentences])
+    validation = batches(texts[train_sentences:train_sentences + VALIDATION])
+    held_texts = texts[train_sentences + VALIDATION:train_sentences + VALIDATION + eval_sentences]
+    held = batches(held_texts)
     reference = bench.embed(original, held)
 
     def measure(model) -> tuple[float, float]:
@@ -212,17 +221,25 @@ def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> Non
     setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
     plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
     lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
-    options = DistillOptions(epochs=20, lr=1e-4, batch=32, match=tuple(layers), max_minutes=max_minutes, quiet=True,
-                             patience=20)
+    # as many epochs as the budget allows: the learning rate decays over the budget (docs/distill.md)
+    options = DistillOptions(epochs=1000, lr=MINILM_LR, batch=32, match=tuple(layers), max_minutes=max_minutes,
+                             quiet=True, patience=1000)
     start = time.perf_counter()
-    distilled = onnxprune.prune(model, recover="lstsq", data=train, distill=options, quiet=True, **setting)
+    distilled = onnxprune.prune(model, recover="lstsq", data=train, eval_data=validation, distill=options,
+                                quiet=True, **setting)
     seconds = time.perf_counter() - start
     figures = [measure(m) for m in (model, plain.model, lstsq.model, distilled.model)]
     r = distilled.report
     cells = " | ".join(f"{c:.4f} / {a:.3f}" for c, a in figures)
-    ROWS.append(f"| MiniLM ({train_sentences} train, {sum(len(b['input_ids']) for b in held)} held-out sentences) "
-                f"| neurons 50%, heads 50%, wanda, match {len(layers)} layers | {r.after.params / r.before.params:.3f} "
+    ROWS.append(f"| MiniLM ({train_sentences} train, {len(held_texts)} held-out sentences) "
+                f"| neurons 50%, heads 50%, wanda, match {len(layers)} layers, lr {MINILM_LR:g}, "
+                f"{len(r.distill['epochs'])} epochs in {max_minutes:g} min | {r.after.params / r.before.params:.3f} "
                 f"| {r.after.macs / r.before.macs:.3f} | {cells} | {seconds:.1f} |")
+
+
+VALIDATION = 128
+"""MiniLM sentences held out for early stopping (the best epoch), apart from the evaluated ones."""
+MINILM_LR = 2e-4
 
 
 def _nearest(embeddings: np.ndarray) -> np.ndarray:

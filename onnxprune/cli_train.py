@@ -28,6 +28,8 @@ _OPTIONS: dict[str, tuple[dict, str]] = {
               "also match this intermediate tensor (same name and shape in both graphs) by MSE; repeatable"),
     "augment": ({"action": "store_true"}, "modality-aware augmentation: shifts and noise for rank-4 float inputs, "
                 "slight noise for other float inputs, none for integer (token) inputs"),
+    "token_swap": ({"type": float, "metavar": "P"}, "token augmentation: replace a share P of the token ids "
+                   "(e.g. 0.15) with ids drawn from the same batch; padding, masks and positions untouched"),
     "patience": ({"type": int}, "with --eval-data: stop after N epochs without improvement (default 3)"),
     "freeze_bn": ({"action": "store_true"}, "keep BatchNormalization scale and bias fixed"),
     "max_minutes": ({"type": float, "metavar": "M"}, "time budget: stop training after M minutes"),

@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxprune.errors import InputError
-from onnxprune.train.augment import augment_batch, modality, spatial_axes
+from onnxprune.train.augment import augment_batch, is_token_ids, modality, spatial_axes, swap_tokens
+from onnxprune.train.distill import DistillOptions
 from onnxprune.train.losses import (LossPlan, OutputLoss, batch_loss, cosine_loss, kl_loss, looks_like_logits,
                                     parse_loss_option, plan_losses)
 
@@ -162,6 +163,30 @@ def test_augmentation_by_modality_is_seeded():
     np.testing.assert_array_equal(a["label"], batch["label"])
     assert not np.array_equal(a["img"], images) and not np.array_equal(a["seq"], seq)
     assert np.abs(a["seq"] - seq).max() < 0.1  # 1% of the std, not a different input
+
+
+def test_token_swap_replaces_a_share_of_ids_from_the_batch_and_spares_padding_masks_positions():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 2000, size=(64, 40)).astype(np.int64)
+    ids[:, 30:] = 0  # padding
+    mask = (ids != 0).astype(np.int64)
+    positions = np.tile(np.arange(40, dtype=np.int64), (64, 1))
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "label": np.arange(64)}
+    names = ["input_ids", "attention_mask", "position_ids"]
+    a = swap_tokens(batch, names, np.random.default_rng(1), 0.2)
+    b = swap_tokens(batch, names, np.random.default_rng(1), 0.2)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    for key in ("attention_mask", "position_ids", "label"):
+        np.testing.assert_array_equal(a[key], batch[key])
+    changed = a["input_ids"] != ids
+    assert 0.15 < changed[:, :30].mean() < 0.22  # ~20% of the content (a draw may repeat the id)
+    assert not changed[:, 30:].any()  # padding stays padding
+    assert np.isin(a["input_ids"][:, :30], ids[:, :30]).all()  # every id came from the batch's content
+    assert a["input_ids"].dtype == ids.dtype
+    assert not is_token_ids(mask) and not is_token_ids(positions) and is_token_ids(ids)
+    assert swap_tokens(batch, names, rng, 0.0)["input_ids"] is ids
+    with pytest.raises(InputError, match="token_swap"):
+        DistillOptions(token_swap=1.5).check()
 
 
 def test_image_shift_moves_pixels_and_zero_fills():

@@ -8,6 +8,10 @@
 - integer inputs (token ids, attention masks, positions): unchanged — a shifted or noisy id is a
   different token, not a similar one.
 
+Token inputs have their own opt-in (`swap_tokens`, `--token-swap P`): a share of the token ids is
+replaced by ids drawn from elsewhere in the same batch. That needs no vocabulary, and a small
+training set of sentences then yields new ones every epoch.
+
 Teacher and student see the same augmented batch (the teacher's targets are computed on it), so
 augmentation only widens the inputs the student learns to imitate the teacher on; it never
 changes what is right. Everything is drawn from the `numpy.random.Generator` passed in, so a run
@@ -78,3 +82,41 @@ def _noisy(array: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndar
         return array.copy()
     noise = rng.standard_normal(array.shape).astype(array.dtype) * (scale * std)
     return (array + noise).astype(array.dtype)
+
+
+def swap_tokens(batch: dict[str, np.ndarray], names: "list[str]", rng: np.random.Generator,
+                share: float) -> dict[str, np.ndarray]:
+    """A new batch where `share` of the positions of every token-id input hold an id drawn from the
+    batch's other tokens. Padding (the id that fills the rows' ends) is neither replaced nor drawn;
+    masks, token types and position ids are left alone (see `is_token_ids`)."""
+    out = dict(batch)
+    for name in names:
+        ids = batch[name]
+        if share <= 0 or not is_token_ids(ids):
+            continue
+        pad = _padding_id(ids)
+        content = np.ones(ids.shape, bool) if pad is None else ids != pad
+        pool = ids[content]
+        if not pool.size:
+            continue
+        chosen = content & (rng.random(ids.shape) < share)
+        swapped = ids.copy()
+        swapped[chosen] = rng.choice(pool, size=int(chosen.sum()))
+        out[name] = swapped
+    return out
+
+
+def is_token_ids(array: np.ndarray) -> bool:
+    """Integer rows of ids: not 0/1 (attention masks, token types) and not counting up by one
+    (position ids)."""
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim != 2 or array.shape[1] < 2:
+        return False
+    if np.isin(array, (0, 1)).all():
+        return False
+    return float(np.mean(np.diff(array, axis=1) == 1)) < 0.9
+
+
+def _padding_id(ids: np.ndarray) -> "int | None":
+    """The id that ends more than one row, if one does (padding); None otherwise."""
+    values, counts = np.unique(ids[:, -1], return_counts=True)
+    return int(values[counts.argmax()]) if counts.max() > 1 else None

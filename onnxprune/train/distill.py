@@ -25,7 +25,7 @@ import onnx
 from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_shot, iter_batches, model_inputs, spool
 from onnxprune.errors import InputError
 from onnxprune.train import require_torch
-from onnxprune.train.augment import augment_batch
+from onnxprune.train.augment import augment_batch, swap_tokens
 from onnxprune.train.losses import LossPlan, batch_loss, computes, plan_losses
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ class DistillOptions:
     match: tuple[str, ...] = ()
     """Intermediate tensors present in both graphs, matched by mean squared error (equal shapes only)."""
     augment: bool = False
+    token_swap: float = 0.0
+    """Share of token-id positions replaced by ids drawn from the same batch (0: none); see
+    `onnxprune.train.augment.swap_tokens`."""
     patience: int = 3
     freeze_bn: bool = False
     seed: int = 0
@@ -70,6 +73,8 @@ class DistillOptions:
             raise InputError(f"lr must be a positive number, got {self.lr!r}")
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
             raise InputError(f"batch must be an integer >= 1, got {self.batch!r}")
+        if not (isinstance(self.token_swap, (int, float)) and 0 <= self.token_swap < 1):
+            raise InputError(f"token_swap must be a share in [0, 1), got {self.token_swap!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InputError(f"patience must be an integer >= 1, got {self.patience!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
@@ -135,9 +140,9 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
             data: DataSource, *, eval_data: DataSource | None = None, epochs: int = 10, lr: float = 1e-3,
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
             labels: str | None = None, label_weight: float = 1.0, eval_labels: str | None = None,
-            match: "tuple[str, ...] | list[str]" = (), augment: bool = False, patience: int = 3,
-            freeze_bn: bool = False, seed: int = 0, max_minutes: float | None = None, quiet: bool = False
-            ) -> DistillResult:
+            match: "tuple[str, ...] | list[str]" = (), augment: bool = False, token_swap: float = 0.0,
+            patience: int = 3, freeze_bn: bool = False, seed: int = 0, max_minutes: float | None = None,
+            quiet: bool = False) -> DistillResult:
     """Distil `student` from `teacher` on `data` (any form `onnxprune.data` reads, no labels needed).
 
     Returns the student with trained weights (`.model`), the per-epoch figures (`.history`) and
@@ -147,7 +152,7 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
     """
     options = DistillOptions(epochs=epochs, lr=lr, batch=batch, loss=loss, temperature=temperature, labels=labels,
                              label_weight=label_weight, eval_labels=eval_labels, match=tuple(match), augment=augment,
-                             patience=patience, freeze_bn=freeze_bn, seed=seed, max_minutes=max_minutes, quiet=quiet)
+                             token_swap=token_swap, patience=patience, freeze_bn=freeze_bn, seed=seed, max_minutes=max_minutes, quiet=quiet)
     from onnxprune.ir import load_model
 
     student_proto, teacher_proto = load_model(student), load_model(teacher)
@@ -303,6 +308,8 @@ class _Trainer:
         for feeds in self._bar:
             if options.augment:
                 feeds = augment_batch(feeds, self.names, self.rng)
+            if options.token_swap:
+                feeds = swap_tokens(feeds, self.names, self.rng, options.token_swap)
             labels = feeds.get(options.labels) if options.labels else None
             if options.labels and labels is None and options.label_weight > 0:
                 raise InputError(f"no labels array {options.labels!r} in the data (see --labels)")
