@@ -284,6 +284,8 @@ def prune(
     distilled = None
     if distill:
         pruned, distilled = _distill(original, pruned, distill, data, eval_data, labels, seed, quiet)
+        if eval_data is not None and not _holds(eval_data, labels):
+            labels = None  # unlabelled held-out data stopped the training early; outputs are compared, no accuracy
     report = PruneReport(before, count(pruned), summary, sum(1 for u in units.values() if len(u)),
                          result.removed_channels, distill=distilled)
     report.layers = _layers(analysis, units)
@@ -298,7 +300,7 @@ def prune(
 
 def _measured_result(pruned: onnx.ModelProto, chosen: Plan, report: PruneReport, original: onnx.ModelProto, *,
                      data, seed: int, verify: bool, bench: bool, atol: float | None, rtol: float | None,
-                     lossless: bool, quantize: "str | None", eval_data, labels: str,
+                     lossless: bool, quantize: "str | None", eval_data, labels: "str | None",
                      quant_options: "QuantOptions | None" = None) -> PruneResult:
     """The result, after verification, latency and side-by-side figures against `original` when
     asked for (one-shot prune and the last round of `steps`); a failed comparison raises
@@ -320,7 +322,7 @@ def _measured_result(pruned: onnx.ModelProto, chosen: Plan, report: PruneReport,
 
 def _measure(report: PruneReport, original: onnx.ModelProto, pruned: onnx.ModelProto, *, data, seed: int,
              verify: bool, bench: bool, tolerance: tuple[float, float], quantize: "str | None", eval_data,
-             labels: str, options: "QuantOptions | None" = None) -> onnx.ModelProto | None:
+             labels: "str | None", options: "QuantOptions | None" = None) -> onnx.ModelProto | None:
     """Fill the report's verification, latency and side-by-side figures; return the quantized model.
 
     Data is streamed for a plain verification (large data never sits in memory) and read once
@@ -362,6 +364,16 @@ def _distill(original: onnx.ModelProto, pruned: onnx.ModelProto, options: "bool 
         options = DistillOptions(seed=seed, quiet=quiet, eval_labels=labels)
     model, history = run_distillation(pruned, original, data, options, eval_data)
     return model, history.to_dict()
+
+
+def _holds(data, name: str) -> bool:
+    """Whether `data` has an array `name` (read from its first batch; a one-shot source, which a
+    peek would consume, is taken to have it)."""
+    from onnxprune.data import is_one_shot, iter_batches
+
+    if is_one_shot(data):
+        return True
+    return name in next(iter_batches(data, [], 1, extra=(name,), limit=1), {})
 
 
 def _check_options(*, ratio: float, criterion: "str | Criterion", scope: str, round_to: "int | str", lossless: bool,

@@ -276,10 +276,12 @@ class ModelFigures:
         return dict(self.__dict__)
 
 
-def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_data=None, labels: str = "label",
+def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_data=None,
+                   labels: "str | None" = "label",
                    bench: bool = False) -> dict[str, ModelFigures]:
     """Figures for each model; the first is the reference whose outputs on `feeds` the others'
-    error is measured against. Accuracy and macro P/R/F1 need `eval_data` with a `labels` array.
+    error is measured against. Accuracy and macro P/R/F1 need `eval_data` with a `labels` array
+    (`labels` None: none are computed).
     Latency comes from one interleaved run of all models (optimisations on)."""
     names = list(models)
     reference = session(models[names[0]])
@@ -292,7 +294,7 @@ def compare_models(models: dict[str, onnx.ModelProto], feeds: list[Feeds], eval_
         runner = reference if name == names[0] else session(model)
         outputs = reference_outputs if name == names[0] else [runner.run(None, f)[0] for f in feeds]
         fig.max_abs_diff, fig.cosine, fig.top1_agreement = agreement(reference_outputs, outputs)
-        if eval_data is not None:
+        if eval_data is not None and labels is not None:
             scores = class_scores_of(model, eval_data, labels, runner)
             fig.accuracy, fig.precision = scores.accuracy, scores.precision
             fig.recall, fig.f1 = scores.recall, scores.f1
@@ -307,11 +309,22 @@ def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[flo
     """Max abs difference, cosine similarity and arg-max agreement of the first output, over all
     samples of all batches (not the worst batch: every sample counts once), by the same
     `verify.compare_outputs` that verification uses."""
-    a, b = (np.concatenate([np.atleast_1d(np.asarray(x)) for x in outputs]) for outputs in (reference, other))
+    a, b = _stacked(reference), _stacked(other)
     if a.shape != b.shape:
         raise InputError(f"output shapes differ: {a.shape} against {b.shape}")
     cmp = compare_outputs("output", a, b, DEFAULT_ATOL, DEFAULT_RTOL)
     return cmp.max_abs_diff, cmp.cosine, cmp.top1_agreement
+
+
+def _stacked(outputs: list[np.ndarray]) -> np.ndarray:
+    """One array of every batch's output. Batches whose shapes differ past the batch axis (token
+    batches padded to different lengths) are joined as rows along the last axis when that agrees
+    (arg-max agreement stays per position), else as flat vectors."""
+    arrays = [np.atleast_1d(np.asarray(x)) for x in outputs]
+    if len({a.shape[1:] for a in arrays}) > 1:
+        rows = len({a.shape[-1] for a in arrays}) == 1 and all(a.ndim >= 2 for a in arrays)
+        arrays = [a.reshape(-1, a.shape[-1]) if rows else a.ravel() for a in arrays]
+    return np.concatenate(arrays)
 
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -384,7 +397,7 @@ def quantize_candidates(pruned: onnx.ModelProto, choice: QuantChoice, options: Q
 
 
 def hand_off(original: onnx.ModelProto, pruned: onnx.ModelProto, mode: str | None, data, feeds: list[Feeds],
-             eval_data, labels: str, bench: bool, options: QuantOptions | None = None
+             eval_data, labels: "str | None", bench: bool, options: QuantOptions | None = None
              ) -> tuple[onnx.ModelProto | None, dict[str, ModelFigures], LatencyReport | None, QuantChoice | None,
                         list[str]]:
     """Quantize the pruned model (when `mode` is set) and measure original, pruned and quantized.

@@ -205,3 +205,17 @@ def test_a_saturated_softmax_student_learns_through_the_softmax_input(pair):
     held_out = images(seed=7)
     assert _agreement(result.model, teacher, held_out) > _agreement(student, teacher, held_out) + 0.05
     assert [o.name for o in result.model.graph.output] == ["logits"]  # the captured input stays internal
+
+
+def test_prune_with_distill_accepts_unlabelled_eval_data():
+    """Held-out data without labels stops the distillation early (agreement with the original);
+    the report then compares outputs and gives no accuracy, instead of failing after training."""
+    teacher = tiny_classifier()
+    options = DistillOptions(epochs=2, lr=1e-2, quiet=True)
+    result = onnxprune.prune(teacher, ratio=0.5, data={INPUT: images()}, eval_data={INPUT: images(9)},
+                             distill=options, quiet=True)
+    assert result.report.distill["evaluated_on"] == "eval data"
+    figures = result.report.models["pruned"]
+    assert figures.accuracy is None and figures.top1_agreement is not None
+    with pytest.raises(InputError, match="no labels array"):  # without distillation the labels are the point
+        onnxprune.prune(teacher, ratio=0.5, data={INPUT: images()}, eval_data={INPUT: images(9)}, quiet=True)

@@ -55,6 +55,40 @@ def test_eval_data_without_quantize_compares_two_models(digits):
     assert result.report.latency is not None and result.report.models["pruned"].latency_ms["median"] > 0
 
 
+def _token_tagger(vocab: int = 50, width: int = 16, hidden: int = 32, tags: int = 5) -> onnx.ModelProto:
+    """ids [B, S] -> embedding -> MatMul/Relu/MatMul -> per-token scores [B, S, tags]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("table", (vocab, width)), ("w1", (width, hidden)), ("w2", (hidden, tags)))]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "tagger", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", tags])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_eval_batches_of_different_lengths_are_compared_per_position():
+    """Token batches padded to different lengths (a length-bucketed eval set) are compared as rows
+    of the last axis: no crash, every position counted once."""
+    from onnxprune.quantize import agreement
+
+    model = _token_tagger()
+    rng = np.random.default_rng(1)
+    batches = [{"ids": rng.integers(0, 50, size=(4, length)).astype(np.int64),
+                "label": rng.integers(0, 5, size=(4, length))} for length in (5, 9, 7)]
+    result = onnxprune.prune(model, ratio=0.5, data=batches, eval_data=batches, quiet=True)
+    figures = result.report.models["pruned"]
+    assert 0 < figures.cosine < 1 and 0 <= figures.top1_agreement <= 1 and 0 <= figures.accuracy <= 1
+    same = [session(model).run(None, {"ids": b["ids"]})[0] for b in batches]
+    assert agreement(same, same) == (0.0, pytest.approx(1.0), 1.0)
+    shifted = [x.copy() for x in same]
+    shifted[1][0, 0] = shifted[1][0, 0][::-1] + 1.0  # one position of the middle batch changes
+    max_diff, _, top1 = agreement(same, shifted)
+    assert max_diff > 0 and top1 == pytest.approx(1 - 1 / (4 * (5 + 9 + 7)), abs=1 / 84)
+
+
 def test_static_needs_calibration_data(digits):
     with pytest.raises(onnxprune.InputError, match="calibration"):
         onnxprune.prune(digits[0], ratio=0.25, quantize="static")
