@@ -431,9 +431,11 @@ def sweep_shapes(names: list[str], no_torch_pruning: bool, render: bool, tp_only
     return 0
 
 
-def _with_doc_lines(body: str, cached: set[str], order: dict[str, int]) -> str:
-    """The table with the doc's current lines for models that have no cached rows here (an earlier
-    run on another machine), so a subset run adds rows instead of dropping the others; catalogue order."""
+def _with_doc_lines(body: str, cached: set[str], order: dict[str, int],
+                    markers: tuple[str, str] = (SHAPES_BEGIN, SHAPES_END)) -> str:
+    """The table with the doc's current lines (in the section between `markers`) for models that
+    have no cached rows here (an earlier run on another machine), so a subset run adds rows instead
+    of dropping the others; catalogue order."""
     def model(line: str) -> str:
         return line[2:].split(" | ")[0]
 
@@ -441,7 +443,7 @@ def _with_doc_lines(body: str, cached: set[str], order: dict[str, int]) -> str:
         return line.startswith("| ") and not line.startswith("| model |")
 
     text = DOC.read_text() if DOC.exists() else ""
-    section = text[text.find(SHAPES_BEGIN):text.find(SHAPES_END)] if SHAPES_BEGIN in text else ""
+    section = text[text.find(markers[0]):text.find(markers[1])] if markers[0] in text else ""
     kept = [line for line in section.splitlines() if is_row(line) and model(line) not in cached]
     lines = body.splitlines()
     new = [line for line in lines if is_row(line)]
@@ -513,7 +515,8 @@ def main() -> int:
     order = {m.name: k for k, m in enumerate(CATALOGUE)}
     exporters = {"legacy-folded": 0, "legacy-bn": 1, "dynamo": 2}
     rows = sorted(saved, key=lambda r: (order.get(r["model"], 999), exporters.get(r["exporter"], 3)))
-    write_section(table(rows, {r["model"]: r["tp"] for r in rows}))
+    write_section(_with_doc_lines(table(rows, {r["model"]: r["tp"] for r in rows}), {r["model"] for r in rows},
+                                  order, (BEGIN, END)))
     failures = [r for r in rows if "error" in r or not r.get("shapes_equal") or r.get("lossless_err", 1) > LOSSLESS_TOL]
     print(f"{len(rows)} rows, {len(failures)} with problems; wrote {DOC.relative_to(ROOT)}")
     return 0
