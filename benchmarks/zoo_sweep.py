@@ -303,16 +303,19 @@ NOTES = """
 
 ### Known gaps (last run)
 
-- Swin-T on the TorchScript exporter: its rows above predate the import rewrites of
-  `passes/batch_shapes.py` and `passes/static_values.py` (run-time window-reshape targets, Pad
-  amounts and the attention scale froze 39 groups: 30% removed). Current legacy-folded and dynamo
-  figures, static and dynamic batch, are in the dynamic-batch section below.
+- Swin-T: its rows were re-run on 2026-12-03 with `--no-torch-pruning` (Torch-Pruning "not run":
+  it did not finish within 14 minutes on Swin-T, see the dynamic-batch section). All three exports
+  now remove 45–46% (24 groups pruned, 12 of them head groups; before the import rewrites of
+  `passes/batch_shapes.py` and `passes/static_values.py`, the TorchScript rows froze 39 groups and
+  removed 30%).
+- ViT-B/16: the Torch-Pruning cell above is an older run without `num_heads`; given the heads
+  (dynamic-batch section) it removes 32.8%.
 - MaxViT: `Einsum` has a channel rule now, so no group freezes at it and its attention is
   recognised (heads prune); as for every transformer, the residual stream then stays frozen
   unless `prune_hidden=True` / `--prune-hidden` is given. MaxViT-T, legacy-folded: 51.2% of params
   removed by default, 74.2% with `prune_hidden=True` (67.6% before the rule, Einsum groups frozen).
-- Torch-Pruning fails on ShuffleNetV2 (channel shuffle), torchvision's ViT and Swin-T; onnxprune
-  prunes all three. It was not run on MaxViT (no result within 10 minutes on the reduced config).
+- Torch-Pruning fails on ShuffleNetV2 (channel shuffle), on torchvision's ViT unless given
+  `num_heads`, and does not finish on Swin-T; onnxprune prunes all three. It was not run on MaxViT (no result within 10 minutes on the reduced config).
 """
 
 
