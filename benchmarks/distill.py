@@ -198,8 +198,8 @@ class MiniLMSetup:
         n = self.train_sentences
         self.train = self.batches(texts[:n])
         self.validation = self.batches(texts[n:n + VALIDATION])
-        self.held_count = len(texts[n + VALIDATION:n + VALIDATION + eval_sentences])
-        self.held = self.batches(texts[n + VALIDATION:n + VALIDATION + eval_sentences])
+        held = texts[n + VALIDATION:n + VALIDATION + eval_sentences]
+        self.held_count, self.held = len(held), self.batches(held)
         self.reference = self.bench.embed(original, self.held)
 
     def batches(self, part: list[str]) -> list[dict[str, np.ndarray]]:
