@@ -182,6 +182,17 @@ def vgg16() -> None:
                   classifier_measure(test), recover="lstsq-seq")
 
 
+MINILM_SETTING = dict(ratio=0.5, head_ratio=0.5)
+"""Half of the MLP neurons and half of the heads of every layer."""
+
+
+VALIDATION = 128
+"""MiniLM sentences held out for early stopping (the best epoch), apart from the evaluated ones."""
+MINILM_LR = 4e-4
+MINILM_TOKEN_SWAP = 0.1
+"""The distillation settings of the MiniLM row (README, docs/distill.md)."""
+
+
 class MiniLMSetup:
     """all-MiniLM-L6-v2 exported, and its sentences: `train`, `validation` (early stopping) and
     `held` (evaluation) token batches drawn at random from one pool of shipped docstring lines."""
@@ -223,10 +234,6 @@ class MiniLMSetup:
         return cosine, float(np.mean(_nearest(self.reference) == _nearest(emb)))
 
 
-MINILM_SETTING = dict(ratio=0.5, head_ratio=0.5)
-"""Half of the MLP neurons and half of the heads of every layer."""
-
-
 def minilm(max_minutes: float, train_sentences: int, eval_sentences: int) -> None:
     from onnxprune.train.distill import DistillOptions
 
@@ -264,12 +271,6 @@ def minilm_criteria(calibration: int = 512) -> None:
         cosine, agreement = m.measure(result.model)
         _row("MiniLM", f"{criterion}, neurons 50%, heads 50%", result, [cosine, agreement],
              time.perf_counter() - start)
-
-
-VALIDATION = 128
-"""MiniLM sentences held out for early stopping (the best epoch), apart from the evaluated ones."""
-MINILM_LR = 4e-4
-MINILM_TOKEN_SWAP = 0.1
 
 
 def _nearest(embeddings: np.ndarray) -> np.ndarray:

@@ -212,13 +212,19 @@ def _row(r: dict, tp: dict, best: float = 1.0) -> str:
             f"| {_versus(r, tp, best)} |")
 
 
+def _tp_failure(tp: dict) -> str | None:
+    """The Torch-Pruning cell when it has no figures: skipped (--no-torch-pruning) or failed."""
+    if tp.get("error") == "skipped":
+        return "not run"
+    return f"fails ({tp['error'][:60]})" if "error" in tp else None
+
+
 def _versus(r: dict, tp: dict, best: float) -> str:
     """Torch-Pruning's pruned model in the row's own accounting: exported by the same exporter and
     counted by the same counter, so BN folding and running statistics weigh the same on both sides."""
-    if tp.get("error") == "skipped":
-        return "not run"
-    if "error" in tp:
-        return f"fails ({tp['error'][:60]})"
+    failed = _tp_failure(tp)
+    if failed:
+        return failed
     torch_side = f"torch: {_millions(tp['before'] - tp['after'])} removed ({1 - tp['after'] / tp['before']:.1%})"
     same = tp.get("onnx_after", {}).get(r["exporter"])
     if isinstance(same, int):
@@ -315,7 +321,8 @@ NOTES = """
   unless `prune_hidden=True` / `--prune-hidden` is given. MaxViT-T, legacy-folded: 51.2% of params
   removed by default, 74.2% with `prune_hidden=True` (67.6% before the rule, Einsum groups frozen).
 - Torch-Pruning fails on ShuffleNetV2 (channel shuffle), on torchvision's ViT unless given
-  `num_heads`, and does not finish on Swin-T; onnxprune prunes all three. It was not run on MaxViT (no result within 10 minutes on the reduced config).
+  `num_heads`, and does not finish on Swin-T; onnxprune prunes all three. It was not run on
+  MaxViT (no result within 10 minutes on the reduced config).
 """
 
 
@@ -359,10 +366,9 @@ def shapes_table(rows: list[dict], tp: dict[str, dict]) -> str:
 
 
 def _tp_share(tp: dict, exporter: str, row: dict) -> str:
-    if tp.get("error") == "skipped":
-        return "not run"
-    if "error" in tp:
-        return f"fails ({tp['error'][:60]})"
+    failed = _tp_failure(tp)
+    if failed:
+        return failed
     same = tp.get("onnx_after", {}).get(exporter)
     if isinstance(same, int) and "params_before" in row:
         return _share(same, row["params_before"])

@@ -263,8 +263,9 @@ class _Trainer:
         parts: dict[str, list[float]] = {}
         samples = 0
         for inputs, labels in self._batches(epoch):
+            lr = self.learning_rate(epoch, deadline)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate(epoch, deadline)
+                group["lr"] = lr
             loss, step_parts = train_step(self.graph, self.optimizer, self.plan, inputs, self.teacher(inputs), labels)
             if not math.isfinite(loss):
                 raise InputError(f"distillation loss became {loss} at epoch {epoch}, step {len(losses) + 1} "
