@@ -32,6 +32,8 @@ _OPTIONS: dict[str, tuple[dict, str]] = {
                    "(e.g. 0.15) with ids drawn from the same batch; padding, masks and positions untouched"),
     "patience": ({"type": int}, "with --eval-data: stop after N epochs without improvement (default 3)"),
     "freeze_bn": ({"action": "store_true"}, "keep BatchNormalization scale and bias fixed"),
+    "freeze": ({"action": "append", "metavar": "PATTERN"},
+               "keep initializers with this name or shell-style pattern fixed (e.g. '*word_embeddings*'); repeatable"),
     "max_minutes": ({"type": float, "metavar": "M"}, "time budget: stop training after M minutes"),
 }
 
@@ -85,8 +87,9 @@ def distill_options(args: argparse.Namespace, prefix: str = ""):
     values = {name: getattr(args, prefix + name) for name in _OPTIONS if getattr(args, prefix + name, None) is not None}
     if "loss" in values:
         values["loss"] = parse_loss_option(values["loss"])
-    if "match" in values:
-        values["match"] = tuple(values["match"])
+    for name in ("match", "freeze"):
+        if name in values:
+            values[name] = tuple(values[name])
     values = {k: v for k, v in values.items() if v is not False}
     labels = getattr(args, prefix + "labels", None)
     eval_labels = args.labels if prefix else None

@@ -62,6 +62,42 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(pair, tmp_pat
     assert (tmp_path / "0.onnx").read_bytes() != (tmp_path / "2.onnx").read_bytes()
 
 
+def test_adam_uses_the_fused_cpu_kernel_where_torch_has_it():
+    import torch
+
+    from onnxprune.train.distill import adam
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = adam([weight], 0.1)
+    weight.sum().backward()
+    optimizer.step()
+    assert optimizer.defaults.get("fused") is True  # torch 2.4+, which the train extra pins
+    assert torch.all(weight < 1)
+
+
+def test_teacher_runs_optimised_with_torchs_threads_and_gives_the_plain_outputs(pair):
+    import onnxruntime as ort
+    import torch
+
+    from onnxprune.train.distill import TeacherRunner
+
+    teacher, _ = pair
+    relu = next(n.output[0] for n in teacher.graph.node if n.op_type == "Relu")
+    runner = TeacherRunner(teacher, (relu,))
+    options = runner.session.get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    x = images(n=16)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(teacher)
+    plain.graph.output.extend([onnx.helper.make_empty_tensor_value_info(relu)])
+    expected = dict(zip(["logits", relu], session(plain).run(["logits", relu], {INPUT: x})))
+    got = runner({INPUT: x})
+    assert sorted(got) == sorted(expected)
+    for name in expected:  # the fused Conv+BatchNorm+Relu still yields the matched Relu output
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
 def test_freeze_bn_keeps_batchnorm_values(pair):
     teacher, student = pair
     result = onnxprune.distill(student, teacher, {INPUT: images()}, freeze_bn=True, **FAST)
@@ -71,6 +107,30 @@ def test_freeze_bn_keeps_batchnorm_values(pair):
     for name in bn.input[1:]:
         np.testing.assert_array_equal(old[name], new[name])
     assert any(not np.array_equal(old[n], new[n]) for n in old if n not in bn.input and old[n].size > 1)
+
+
+def test_freeze_patterns_keep_the_named_initializers(pair):
+    teacher, student = pair
+    conv = next(n for n in student.graph.node if n.op_type == "Conv")
+    gemm = next(n for n in student.graph.node if n.op_type == "Gemm")
+    frozen = {conv.input[1], gemm.input[2]}
+    result = onnxprune.distill(student, teacher, {INPUT: images()}, freeze=[conv.input[1], gemm.input[2][:1] + "*"],
+                               **FAST)  # an exact name and a shell-style pattern
+    old = {i.name: onnx.numpy_helper.to_array(i) for i in student.graph.initializer}
+    new = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for name in old:
+        if name in frozen or (name.startswith(gemm.input[2][:1]) and old[name].size > 1):
+            np.testing.assert_array_equal(old[name], new[name])
+    assert not np.array_equal(old[gemm.input[1]], new[gemm.input[1]])
+    assert result.history.after["agreement"] > result.history.before["agreement"]
+
+
+def test_freeze_pattern_naming_nothing_is_refused(pair):
+    teacher, student = pair
+    with pytest.raises(InputError, match=r"--freeze '\*nothing\*' names no trainable initializer"):
+        onnxprune.distill(student, teacher, {INPUT: images()}, freeze=["*nothing*"], **FAST)
+    with pytest.raises(InputError, match=r"no trainable float initializers \(all frozen\)"):
+        onnxprune.distill(student, teacher, {INPUT: images()}, freeze=["*"], **FAST)
 
 
 def test_labels_add_cross_entropy_and_eval_reports_accuracy(pair):

@@ -90,6 +90,7 @@ def test_student_and_teacher_must_match(files, kind, needle, capsys):
     ({INPUT: images(n=64)}, ["--epochs", "0"], "epochs must be an integer >= 1"),
     ({INPUT: images(n=64)}, ["--token-swap", "1.5"], "token_swap must be a share in [0, 1)"),
     ({INPUT: images(n=64)}, ["--labels", "label"], "no labels array 'label' in the data"),
+    ({INPUT: images(n=64)}, ["--freeze", "*emb*"], "--freeze '*emb*' names no trainable initializer"),
 ])
 def test_bad_data_and_options_are_refused(files, data, extra, needle, capsys):
     np.savez(files / "data.npz", **data)

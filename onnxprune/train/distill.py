@@ -61,6 +61,8 @@ class DistillOptions:
     `onnxprune.train.augment.swap_tokens`."""
     patience: int = 3
     freeze_bn: bool = False
+    freeze: tuple[str, ...] = ()
+    """Initializers kept fixed: names or shell-style patterns (`*word_embeddings*`)."""
     seed: int = 0
     max_minutes: float | None = None
     quiet: bool = False
@@ -80,6 +82,7 @@ class DistillOptions:
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise InputError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
         self.match = tuple(self.match)
+        self.freeze = tuple(self.freeze)
 
 
 @dataclass
@@ -141,8 +144,8 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
             labels: str | None = None, label_weight: float = 1.0, eval_labels: str | None = None,
             match: "tuple[str, ...] | list[str]" = (), augment: bool = False, token_swap: float = 0.0,
-            patience: int = 3, freeze_bn: bool = False, seed: int = 0, max_minutes: float | None = None,
-            quiet: bool = False) -> DistillResult:
+            patience: int = 3, freeze_bn: bool = False, freeze: "tuple[str, ...] | list[str]" = (), seed: int = 0,
+            max_minutes: float | None = None, quiet: bool = False) -> DistillResult:
     """Distil `student` from `teacher` on `data` (any form `onnxprune.data` reads, no labels needed).
 
     Returns the student with trained weights (`.model`), the per-epoch figures (`.history`) and
@@ -152,8 +155,8 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
     """
     options = DistillOptions(epochs=epochs, lr=lr, batch=batch, loss=loss, temperature=temperature, labels=labels,
                              label_weight=label_weight, eval_labels=eval_labels, match=tuple(match), augment=augment,
-                             token_swap=token_swap, patience=patience, freeze_bn=freeze_bn, seed=seed,
-                             max_minutes=max_minutes, quiet=quiet)
+                             token_swap=token_swap, patience=patience, freeze_bn=freeze_bn, freeze=tuple(freeze),
+                             seed=seed, max_minutes=max_minutes, quiet=quiet)
     from onnxprune.ir import load_model
 
     student_proto, teacher_proto = load_model(student), load_model(teacher)
@@ -233,8 +236,6 @@ class _Trainer:
 
     def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, data: DataSource,
                  options: DistillOptions) -> None:
-        import torch
-
         from onnxprune.train.graph import TrainableGraph
 
         self.student, self.data, self.options = student, data, options
@@ -244,12 +245,11 @@ class _Trainer:
         self.plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
                                 options.label_weight, teacher)
         self.graph = TrainableGraph(student)
-        self.trainable = [n for n, role in self.graph.roles.items()
-                          if role == "param" or (role == "bn_param" and not options.freeze_bn)]
+        self.trainable = trainable_names(self.graph.roles, options)
         if not self.trainable:
-            raise InputError("student has no trainable float initializers")
+            raise InputError("student has no trainable float initializers" + (" (all frozen)" if options.freeze else ""))
         self.graph.set_trainable(self.trainable)
-        self.optimizer = torch.optim.Adam([self.graph.parameters_by_name[n] for n in self.trainable], lr=options.lr)
+        self.optimizer = adam([self.graph.parameters_by_name[n] for n in self.trainable], options.lr)
         self.teacher = TeacherRunner(teacher, self.plan.captured)
         self.rng = np.random.default_rng(options.seed)
         self.history = DistillHistory(losses=_loss_names(self.plan, options.labels))
@@ -334,6 +334,30 @@ class _Trainer:
         return None if first is None else float(max_relative_error(self.graph, {n: first[n] for n in self.names}))
 
 
+def adam(params: "list[torch.Tensor]", lr: float) -> "torch.optim.Optimizer":
+    """Adam, fused where this torch has the fused CPU kernel (2.4+): one MiniLM update (17M
+    weights, 11.7M of them the embedding table) takes 0.02 s fused against 0.14 s unfused."""
+    import torch
+
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch: no fused kernel for CPU tensors
+        return torch.optim.Adam(params, lr=lr)
+
+
+def trainable_names(roles: Mapping[str, str], options: DistillOptions) -> list[str]:
+    """The initializers the optimizer updates: weights, BatchNorm scale and bias unless `freeze_bn`,
+    none that a `freeze` pattern names. A pattern that names no trainable initializer is refused:
+    a typo would otherwise train what the user meant to keep."""
+    from fnmatch import fnmatchcase
+
+    candidates = [n for n, role in roles.items() if role == "param" or (role == "bn_param" and not options.freeze_bn)]
+    for pattern in options.freeze:
+        if not any(fnmatchcase(n, pattern) for n in candidates):
+            raise InputError(f"--freeze {pattern!r} names no trainable initializer of the student")
+    return [n for n in candidates if not any(fnmatchcase(n, p) for p in options.freeze)]
+
+
 def snapshot(graph: "TrainableGraph", names: list[str]) -> "dict[str, torch.Tensor]":
     """Copies of the named parameters' current values (the best epoch's weights)."""
     return {n: graph.parameters_by_name[n].detach().clone() for n in names}
@@ -385,9 +409,16 @@ def to_tensors(feeds: Mapping[str, np.ndarray]) -> "dict[str, torch.Tensor]":
 
 class TeacherRunner:
     """The teacher in ONNX Runtime, with the `match` tensors added as extra outputs; one call per
-    batch, nothing kept between calls."""
+    batch, nothing kept between calls.
+
+    The session is optimised and uses as many threads as torch does (one per Ray worker, which
+    sets torch to one): with one thread and no graph optimisation the teacher took nearly half of
+    a MiniLM epoch (12.8 s of 27 s); optimised on two threads, 0.08 s per batch instead of 0.16 s.
+    Fusions keep every tensor that is an output, so the matched tensors are the same ones."""
 
     def __init__(self, teacher: onnx.ModelProto, match: tuple[str, ...] = ()) -> None:
+        import torch
+
         from onnxprune.verify import session
 
         model = teacher
@@ -397,7 +428,7 @@ class TeacherRunner:
             outputs = {o.name for o in teacher.graph.output}
             model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
                                       for name in dict.fromkeys(match) if name not in outputs)
-        self.session = session(model)
+        self.session = session(model, optimize=True, threads=torch.get_num_threads())
         self.names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
