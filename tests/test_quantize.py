@@ -84,9 +84,9 @@ def test_eval_batches_of_different_lengths_are_compared_per_position():
     same = [session(model).run(None, {"ids": b["ids"]})[0] for b in batches]
     assert agreement(same, same) == (0.0, pytest.approx(1.0), 1.0)
     shifted = [x.copy() for x in same]
-    shifted[1][0, 0] = shifted[1][0, 0][::-1] + 1.0  # one position of the middle batch changes
+    shifted[1][0, 0] = -shifted[1][0, 0]  # one position of the middle batch changes its arg-max
     max_diff, _, top1 = agreement(same, shifted)
-    assert max_diff > 0 and top1 == pytest.approx(1 - 1 / (4 * (5 + 9 + 7)), abs=1 / 84)
+    assert max_diff > 0 and top1 == pytest.approx(1 - 1 / (4 * (5 + 9 + 7)))
 
 
 def test_static_needs_calibration_data(digits):
