@@ -188,7 +188,7 @@ MINILM_SETTING = dict(ratio=0.5, head_ratio=0.5)
 
 VALIDATION = 128
 """MiniLM sentences held out for early stopping (the best epoch), apart from the evaluated ones."""
-MINILM_LR = 4e-4
+MINILM_LR = 6e-4
 MINILM_TOKEN_SWAP = 0.1
 """The distillation settings of the MiniLM row (README, docs/distill.md)."""
 

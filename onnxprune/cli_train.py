@@ -26,6 +26,9 @@ _OPTIONS: dict[str, tuple[dict, str]] = {
     "label_weight": ({"type": float, "metavar": "W"}, "weight of the cross-entropy term (default 1)"),
     "match": ({"action": "append", "metavar": "TENSOR"},
               "also match this intermediate tensor (same name and shape in both graphs) by MSE; repeatable"),
+    "padding_mask": ({"metavar": "INPUT|none"}, "input whose zeros mark padding, left out of the loss on "
+                     "(batch, positions, features) outputs and --match tensors (default auto: the one rank-2 "
+                     "input named like *mask*, e.g. attention_mask)"),
     "augment": ({"action": "store_true"}, "modality-aware augmentation: shifts and noise for rank-4 float inputs, "
                 "slight noise for other float inputs, none for integer (token) inputs"),
     "token_swap": ({"type": float, "metavar": "P"}, "token augmentation: replace a share P of the token ids "

@@ -279,3 +279,42 @@ def test_prune_with_distill_accepts_unlabelled_eval_data():
     assert figures.accuracy is None and figures.top1_agreement is not None
     with pytest.raises(InputError, match="no labels array"):  # without distillation the labels are the point
         onnxprune.prune(teacher, ratio=0.5, data={INPUT: images()}, eval_data={INPUT: images(9)}, quiet=True)
+
+
+def _token_encoder(weight: np.ndarray, pad_offset: float) -> onnx.ModelProto:
+    """ids, attention_mask -> Gather -> MatMul, plus `pad_offset` on padded positions only."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "table"),
+             onnx.numpy_helper.from_array(weight, "w"),
+             onnx.numpy_helper.from_array(np.full(4, pad_offset, np.float32), "pad_offset"),
+             onnx.numpy_helper.from_array(np.ones((), np.float32), "one"),
+             onnx.numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["z"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "m"], ["pad"]), helper.make_node("Unsqueeze", ["pad", "last"], ["pad3"]),
+             helper.make_node("Mul", ["pad3", "pad_offset"], ["off"]), helper.make_node("Add", ["z", "off"], ["hidden"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in ("ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "encoder", inputs,
+                              [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", "L", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_padded_positions_are_left_out_of_the_loss_and_the_cosine():
+    """The student cannot imitate the teacher on padding (its offset there is frozen): with the
+    attention mask found automatically, it still matches the real positions exactly; counting
+    the padding, it cannot."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(4, 4)).astype(np.float32)
+    teacher = _token_encoder(weight, 0.0)
+    student = _token_encoder(weight + rng.normal(scale=0.5, size=(4, 4)).astype(np.float32), 3.0)
+    lengths = rng.integers(3, 9, 64)
+    data = {"ids": rng.integers(1, 16, (64, 8)).astype(np.int64),
+            "attention_mask": (np.arange(8) < lengths[:, None]).astype(np.int64)}
+    options = dict(epochs=40, lr=5e-2, quiet=True, freeze=["pad_offset"])
+    masked = onnxprune.distill(student, teacher, data, **options).history
+    counted = onnxprune.distill(student, teacher, data, padding_mask=None, **options).history
+    assert "padding" in masked.losses and "padding" not in counted.losses
+    assert masked.after["cosine"] > 0.99 and masked.after["loss"] < 0.01 < 1 < masked.before["loss"]
+    assert counted.after["loss"] > 100 * masked.after["loss"] and counted.after["cosine"] < 0.9

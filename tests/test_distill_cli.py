@@ -91,6 +91,7 @@ def test_student_and_teacher_must_match(files, kind, needle, capsys):
     ({INPUT: images(n=64)}, ["--token-swap", "1.5"], "token_swap must be a share in [0, 1)"),
     ({INPUT: images(n=64)}, ["--labels", "label"], "no labels array 'label' in the data"),
     ({INPUT: images(n=64)}, ["--freeze", "*emb*"], "--freeze '*emb*' names no trainable initializer"),
+    ({INPUT: images(n=64)}, ["--padding-mask", "x"], "--padding-mask 'x': not a (batch, positions) input"),
 ])
 def test_bad_data_and_options_are_refused(files, data, extra, needle, capsys):
     np.savez(files / "data.npz", **data)

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper
 from onnxprune.errors import InputError
 from onnxprune.train.augment import augment_batch, is_token_ids, modality, spatial_axes, swap_tokens
 from onnxprune.train.distill import DistillOptions
-from onnxprune.train.losses import (LossPlan, OutputLoss, batch_loss, cosine_loss, kl_loss, looks_like_logits,
-                                    parse_loss_option, plan_losses)
+from onnxprune.train.losses import (LossPlan, OutputLoss, batch_loss, cosine_loss, find_padding_mask, kl_loss,
+                                    looks_like_logits, mse_loss, parse_loss_option, plan_losses, position_weights)
 
 torch = pytest.importorskip("torch")
 
@@ -196,3 +196,52 @@ def test_image_shift_moves_pixels_and_zero_fills():
     peaks = {tuple(np.argwhere(o[0] > 50)[0]) for o in out}
     assert peaks <= {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)} and len(peaks) > 3
     assert spatial_axes((2, 8, 8, 3)) == (1, 2) and spatial_axes((2, 3, 8, 8)) == (2, 3)
+
+
+def _token_model(*mask_names: str) -> onnx.ModelProto:
+    """input_ids (and mask inputs) -> Gather -> hidden states [N, L, 4]."""
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in ("input_ids",) + mask_names]
+    table = helper.make_tensor("table", TensorProto.FLOAT, [8, 4], np.arange(32, dtype=np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["hidden"])], "tokens", ints,
+                              [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", "L", 4])], [table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_padding_mask_is_the_one_rank_2_input_named_like_a_mask():
+    assert find_padding_mask(_token_model("attention_mask")) == "attention_mask"
+    assert find_padding_mask(_token_model()) is None
+    assert find_padding_mask(_token_model("attention_mask", "token_mask")) is None  # ambiguous: none chosen
+    assert plan_losses(_token_model("attention_mask")).padding_mask == "attention_mask"
+    for off in (None, "none"):
+        assert plan_losses(_token_model("attention_mask"), padding_mask=off).padding_mask is None
+    assert plan_losses(_token_model("attention_mask", "token_mask"), padding_mask="token_mask").padding_mask == \
+        "token_mask"
+    with pytest.raises(InputError, match="--padding-mask 'nope': not a .* input of the student"):
+        plan_losses(_token_model("attention_mask"), padding_mask="nope")
+
+
+def test_padded_positions_are_left_out_of_every_token_term():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    teacher = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
+    student = torch.where((mask == 0)[..., None], -3 * teacher, teacher)  # differs on padding only
+    weights = position_weights(mask, student)
+    for loss in (mse_loss, cosine_loss):
+        assert float(loss(student, teacher, weights)) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss(student, teacher)) > 0.1
+    assert float(kl_loss(student, teacher, 2.0, weights=weights)) == pytest.approx(0.0, abs=1e-5)
+    assert float(kl_loss(student, teacher, 2.0)) > 0.1
+    shifted = teacher + 1.0  # off by one on every real position: the masked mean is exactly 1
+    assert float(mse_loss(shifted, teacher, weights)) == pytest.approx(1.0, rel=1e-6)
+    plan = LossPlan((OutputLoss("y", "mse"),), match=("h",), padding_mask="attention_mask")
+    total, parts = batch_loss(plan, {"y": student, "h": student}, {"y": teacher, "h": teacher}, mask=mask)
+    assert float(total) == pytest.approx(0.0, abs=1e-6) and set(parts) == {"mse:y", "match:h"}
+    assert float(batch_loss(plan, {"y": student, "h": student}, {"y": teacher, "h": teacher})[0]) > 1
+
+
+def test_only_batch_positions_features_tensors_take_the_mask():
+    mask = torch.ones(2, 4)
+    assert position_weights(mask, torch.zeros(2, 4, 3)) is not None
+    assert position_weights(mask, torch.zeros(2, 4)) is None  # rank 2: a pooled output
+    assert position_weights(mask, torch.zeros(2, 4, 4, 4)) is None  # rank 4: (batch, heads, ...) could match by chance
+    assert position_weights(mask, torch.zeros(4, 2, 3)) is None  # time-major
+    assert position_weights(None, torch.zeros(2, 4, 3)) is None

@@ -26,7 +26,7 @@ from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_sho
 from onnxprune.errors import InputError
 from onnxprune.train import require_torch
 from onnxprune.train.augment import augment_batch, swap_tokens
-from onnxprune.train.losses import LossPlan, batch_loss, computes, plan_losses
+from onnxprune.train.losses import LossPlan, batch_loss, computes, plan_losses, position_weights
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,9 @@ class DistillOptions:
     """Name of the labels array in the evaluation data (accuracy); default: `labels`."""
     match: tuple[str, ...] = ()
     """Intermediate tensors present in both graphs, matched by mean squared error (equal shapes only)."""
+    padding_mask: str | None = "auto"
+    """Input whose zeros mark padding, left out of the loss on (batch, positions, features) tensors:
+    'auto' (an input like `attention_mask`, see `losses.find_padding_mask`), a name, or None."""
     augment: bool = False
     token_swap: float = 0.0
     """Share of token-id positions replaced by ids drawn from the same batch (0: none); see
@@ -79,6 +82,8 @@ class DistillOptions:
             raise InputError(f"token_swap must be a share in [0, 1), got {self.token_swap!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InputError(f"patience must be an integer >= 1, got {self.patience!r}")
+        if self.padding_mask is not None and not isinstance(self.padding_mask, str):
+            raise InputError(f"padding_mask must be 'auto', an input name or None, got {self.padding_mask!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise InputError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
         self.match = tuple(self.match)
@@ -143,9 +148,10 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
             data: DataSource, *, eval_data: DataSource | None = None, epochs: int = 10, lr: float = 1e-3,
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
             labels: str | None = None, label_weight: float = 1.0, eval_labels: str | None = None,
-            match: "tuple[str, ...] | list[str]" = (), augment: bool = False, token_swap: float = 0.0,
-            patience: int = 3, freeze_bn: bool = False, freeze: "tuple[str, ...] | list[str]" = (), seed: int = 0,
-            max_minutes: float | None = None, quiet: bool = False) -> DistillResult:
+            match: "tuple[str, ...] | list[str]" = (), padding_mask: str | None = "auto", augment: bool = False,
+            token_swap: float = 0.0, patience: int = 3, freeze_bn: bool = False,
+            freeze: "tuple[str, ...] | list[str]" = (), seed: int = 0, max_minutes: float | None = None,
+            quiet: bool = False) -> DistillResult:
     """Distil `student` from `teacher` on `data` (any form `onnxprune.data` reads, no labels needed).
 
     Returns the student with trained weights (`.model`), the per-epoch figures (`.history`) and
@@ -154,9 +160,9 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
     and the best epoch's weights are kept. Inputs are never modified.
     """
     options = DistillOptions(epochs=epochs, lr=lr, batch=batch, loss=loss, temperature=temperature, labels=labels,
-                             label_weight=label_weight, eval_labels=eval_labels, match=tuple(match), augment=augment,
-                             token_swap=token_swap, patience=patience, freeze_bn=freeze_bn, freeze=tuple(freeze),
-                             seed=seed, max_minutes=max_minutes, quiet=quiet)
+                             label_weight=label_weight, eval_labels=eval_labels, match=tuple(match),
+                             padding_mask=padding_mask, augment=augment, token_swap=token_swap, patience=patience,
+                             freeze_bn=freeze_bn, freeze=tuple(freeze), seed=seed, max_minutes=max_minutes, quiet=quiet)
     from onnxprune.ir import load_model
 
     student_proto, teacher_proto = load_model(student), load_model(teacher)
@@ -243,7 +249,7 @@ class _Trainer:
         self.batch = _batch_size(student, options.batch)
         self.fixed_batch = batch_size_for(student, default=0) != 0  # ORT would refuse a short last batch
         self.plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
-                                options.label_weight, teacher)
+                                options.label_weight, teacher, options.padding_mask)
         self.graph = TrainableGraph(student)
         self.trainable = trainable_names(self.graph.roles, options)
         if not self.trainable:
@@ -379,6 +385,8 @@ def _loss_names(plan: LossPlan, labels: str | None) -> dict[str, str]:
         names[name] = "mse (matched tensor)"
     if plan.label_output is not None:
         names[plan.label_output] += f" + cross-entropy on {labels!r}"
+    if plan.padding_mask is not None:
+        names["padding"] = f"positions where {plan.padding_mask!r} is 0 left out"
     return names
 
 
@@ -391,7 +399,7 @@ def train_step(graph: "TrainableGraph", optimizer, plan: LossPlan, inputs: Mappi
     student = graph(to_tensors(inputs), capture=plan.captured)
     teacher = {k: torch.from_numpy(np.asarray(v)) for k, v in targets.items()}
     label_tensor = torch.from_numpy(np.asarray(labels)) if labels is not None else None
-    loss, parts = batch_loss(plan, student, teacher, label_tensor)
+    loss, parts = batch_loss(plan, student, teacher, label_tensor, batch_padding_mask(plan, inputs))
     value = float(loss.detach())
     if not math.isfinite(value):
         return value, parts
@@ -399,6 +407,15 @@ def train_step(graph: "TrainableGraph", optimizer, plan: LossPlan, inputs: Mappi
     loss.backward()
     optimizer.step()
     return value, parts
+
+
+def batch_padding_mask(plan: LossPlan, inputs: Mapping[str, np.ndarray]) -> "torch.Tensor | None":
+    """The batch's padding mask as a tensor, or None when the plan has none."""
+    import torch
+
+    if plan.padding_mask is None or plan.padding_mask not in inputs:
+        return None
+    return torch.from_numpy(np.asarray(inputs[plan.padding_mask]))
 
 
 def to_tensors(feeds: Mapping[str, np.ndarray]) -> "dict[str, torch.Tensor]":
@@ -442,7 +459,8 @@ class TeacherRunner:
 
 class Evaluation:
     """Figures of the student against the teacher on one data source: top-1 agreement (or mean
-    cosine when no output looks like logits), accuracy when labels are present, mean loss."""
+    cosine when no output looks like logits; padded positions left out), accuracy when labels are
+    present, mean loss."""
 
     def __init__(self, student: onnx.ModelProto, plan: LossPlan, batch: int, data: DataSource,
                  labels: str | None) -> None:
@@ -467,10 +485,14 @@ class Evaluation:
                 check_feeds(self.student, inputs)
                 targets = teacher(inputs)
                 student = graph(to_tensors(inputs), capture=self.plan.captured)
-                loss, _ = batch_loss(self.plan, student, to_tensors(targets))
+                mask = batch_padding_mask(self.plan, inputs)
+                loss, _ = batch_loss(self.plan, student, to_tensors(targets), mask=mask)
                 s, t = student[self.output].float().numpy(), np.asarray(targets[self.output], dtype=np.float32)
                 n = s.shape[0] if s.ndim else 1
                 totals["loss"] += float(loss) * n
+                weights = position_weights(mask, student[self.output])
+                if weights is not None:  # the cosine of the real positions only
+                    s, t = s * weights.numpy()[..., None], t * weights.numpy()[..., None]
                 s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
                 if self.classes:  # per sample: the fraction of its class positions where the arg-max agrees
                     totals["agree"] += float(np.mean(s.argmax(-1) == t.argmax(-1))) * n

@@ -8,6 +8,7 @@ inside the functions that need it: planning the losses works without it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
@@ -29,6 +30,7 @@ bias Add) or a softmax. A pooled embedding ends in Tanh, ReduceMean, Div (normal
 EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "state")
 PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+MASK_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ class OutputLoss:
 @dataclass(frozen=True)
 class LossPlan:
     """Every term of the distillation loss: per-output terms, feature matching at intermediate
-    tensors (mean squared error), and cross-entropy on `label_output` when labels are given."""
+    tensors (mean squared error), and cross-entropy on `label_output` when labels are given.
+    `padding_mask`: the model input whose zeros mark padded positions; (batch, positions, features)
+    tensors leave those positions out of their terms (`batch_loss`)."""
 
     outputs: tuple[OutputLoss, ...]
     temperature: float = 2.0
@@ -60,6 +64,7 @@ class LossPlan:
     label_output: str | None = None
     label_weight: float = 1.0
     match_weight: float = 1.0
+    padding_mask: str | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -125,13 +130,13 @@ def _rank(model: onnx.ModelProto, output: str) -> int:
 
 def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto", temperature: float = 2.0,
                 match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0,
-                teacher: onnx.ModelProto | None = None) -> LossPlan:
+                teacher: onnx.ModelProto | None = None, padding_mask: str | None = "auto") -> LossPlan:
     """Choose each float output's loss (integer outputs, e.g. an arg-max, carry no gradient and are
     left out). `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
     one kind for every output, or `{output: kind}` (outputs not named get 'auto'). With `labels`,
     cross-entropy applies to the first output that looks like logits (refused when none does).
     A softmax output is distilled through its input when `teacher` (default: `model`) computes a
-    tensor of the same name."""
+    tensor of the same name. `padding_mask`: 'auto' (`find_padding_mask`), an input name, or None."""
     if temperature <= 0 or not np.isfinite(temperature):
         raise InputError(f"temperature must be a positive number, got {temperature:g}")
     names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
@@ -157,7 +162,40 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
                              "of a linear layer or softmax); cross-entropy needs one")
     if label_weight < 0 or not np.isfinite(label_weight):
         raise InputError(f"label weight must be >= 0, got {label_weight:g}")
-    return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight))
+    return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight),
+                    padding_mask=_padding_mask(model, padding_mask))
+
+
+def find_padding_mask(model: onnx.ModelProto) -> str | None:
+    """The input that marks padding, when exactly one looks like it: a rank-2 (batch, positions)
+    integer, boolean or float input whose name contains 'mask' (`attention_mask` of Hugging Face
+    exports). Token batches padded to a common length otherwise spend part of the loss, and of
+    the student's capacity, imitating the teacher on positions nobody reads."""
+    found = [i.name for i in _graph_inputs(model) if "mask" in i.name.lower() and _is_mask_shaped(i)]
+    return found[0] if len(found) == 1 else None
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _is_mask_shaped(info: onnx.ValueInfoProto) -> bool:
+    tensor = info.type.tensor_type
+    return tensor.elem_type in MASK_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 2
+
+
+def _padding_mask(model: onnx.ModelProto, choice: str | None) -> str | None:
+    if choice is None or choice == "none":
+        return None
+    if choice == "auto":
+        return find_padding_mask(model)
+    info = next((i for i in _graph_inputs(model) if i.name == choice), None)
+    if info is None or not _is_mask_shaped(info):
+        names = ", ".join(i.name for i in _graph_inputs(model))
+        raise InputError(f"--padding-mask {choice!r}: not a (batch, positions) input of the student "
+                         f"(inputs: {names}); give one, 'auto' or 'none'")
+    return choice
 
 
 def computes(model: onnx.ModelProto, tensor: str) -> bool:
@@ -199,32 +237,51 @@ def parse_loss_option(values: "list[str] | None") -> "str | dict[str, str]":
 
 
 def kl_loss(student: "torch.Tensor", teacher: "torch.Tensor", temperature: float,
-            probabilities: bool = False) -> "torch.Tensor":
+            probabilities: bool = False, weights: "torch.Tensor | None" = None) -> "torch.Tensor":
     """KL(teacher || student) of the class distributions softened by `temperature`, averaged over
     samples and scaled by T² (Hinton et al.) so gradients keep their size across temperatures.
-    Classes lie on the last axis; every other axis counts as samples."""
+    Classes lie on the last axis; every other axis counts as samples (`weights`: see `position_weights`)."""
     import torch.nn.functional as F
 
     if probabilities:
         student, teacher = (x.clamp_min(1e-12).log() for x in (student, teacher))
-    classes = student.shape[-1]
-    s = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
-    t = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+    s = F.log_softmax(student / temperature, dim=-1)
+    t = F.log_softmax(teacher / temperature, dim=-1)
+    per_sample = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    return weighted_mean(per_sample, weights) * temperature ** 2
 
 
-def mse_loss(student: "torch.Tensor", teacher: "torch.Tensor") -> "torch.Tensor":
-    import torch.nn.functional as F
+def mse_loss(student: "torch.Tensor", teacher: "torch.Tensor", weights: "torch.Tensor | None" = None
+             ) -> "torch.Tensor":
+    return weighted_mean((student - teacher) ** 2, weights)
 
-    return F.mse_loss(student, teacher)
 
-
-def cosine_loss(student: "torch.Tensor", teacher: "torch.Tensor") -> "torch.Tensor":
+def cosine_loss(student: "torch.Tensor", teacher: "torch.Tensor", weights: "torch.Tensor | None" = None
+                ) -> "torch.Tensor":
     """Mean of 1 - cosine similarity along the last axis (direction only: embeddings compared
     by cosine at search time need not keep their norm)."""
     import torch.nn.functional as F
 
-    return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).mean()
+    return weighted_mean(1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8), weights)
+
+
+def position_weights(mask: "torch.Tensor | None", tensor: "torch.Tensor") -> "torch.Tensor | None":
+    """1 for the real positions of a (batch, positions, features) tensor, 0 for padding, or None
+    (every element counts) when there is no mask or `tensor` is not laid out like it. Rank 3 only:
+    a rank-4 tensor such as attention scores (batch, heads, positions, positions) could share its
+    first two sizes with the mask by chance."""
+    if mask is None or tensor.dim() != 3 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+        return None
+    return (mask != 0).to(tensor.dtype)
+
+
+def weighted_mean(values: "torch.Tensor", weights: "torch.Tensor | None") -> "torch.Tensor":
+    """The mean of `values`, or its mean over the positions `weights` (leading axes) keeps."""
+    if weights is None:
+        return values.mean()
+    per_position = math.prod(values.shape[weights.dim():])
+    weights = weights.reshape(weights.shape + (1,) * (values.dim() - weights.dim()))
+    return (values * weights).sum() / (weights.sum().clamp_min(1) * per_position)
 
 
 def cross_entropy_loss(logits: "torch.Tensor", labels: "torch.Tensor", probabilities: bool = False
@@ -236,31 +293,34 @@ def cross_entropy_loss(logits: "torch.Tensor", labels: "torch.Tensor", probabili
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
 
 
-def output_loss(term: OutputLoss, student: "torch.Tensor", teacher: "torch.Tensor", temperature: float
-                ) -> "torch.Tensor":
+def output_loss(term: OutputLoss, student: "torch.Tensor", teacher: "torch.Tensor", temperature: float,
+                mask: "torch.Tensor | None" = None) -> "torch.Tensor":
     if student.shape != teacher.shape:
         raise InputError(f"output {term.name}: student shape {tuple(student.shape)} differs from the teacher's "
                          f"{tuple(teacher.shape)}")
+    weights = position_weights(mask, student)
     if term.kind == "kl":
-        return kl_loss(student, teacher, temperature, term.probabilities and not term.logits)
+        return kl_loss(student, teacher, temperature, term.probabilities and not term.logits, weights)
     if term.kind == "cosine":
-        return cosine_loss(student, teacher)
-    return mse_loss(student, teacher)
+        return cosine_loss(student, teacher, weights)
+    return mse_loss(student, teacher, weights)
 
 
 def batch_loss(plan: LossPlan, student: "Mapping[str, torch.Tensor]", teacher: "Mapping[str, torch.Tensor]",
-               labels: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, dict[str, float]]":
+               labels: "torch.Tensor | None" = None, mask: "torch.Tensor | None" = None
+               ) -> "tuple[torch.Tensor, dict[str, float]]":
     """The distillation loss of one batch and its parts by name (`kl:logits`, `match:h1`, `ce`).
 
     `student` holds the student's outputs and captured `plan.captured` tensors, `teacher` the same
-    names from the teacher (float tensors, no gradient); `labels` enables the cross-entropy term."""
+    names from the teacher (float tensors, no gradient); `labels` enables the cross-entropy term;
+    `mask` (the batch's `plan.padding_mask` input) leaves padded positions out."""
     import torch
 
     total = torch.zeros((), dtype=torch.float32)
     parts = {}
     for term in plan.outputs:
         name = term.scores if term.kind == "kl" else term.name
-        value = output_loss(term, student[name].float(), teacher[name].float(), plan.temperature)
+        value = output_loss(term, student[name].float(), teacher[name].float(), plan.temperature, mask)
         parts[f"{term.kind}:{term.name}"] = value
         total = total + value
     for name in plan.match:
@@ -268,7 +328,7 @@ def batch_loss(plan: LossPlan, student: "Mapping[str, torch.Tensor]", teacher: "
         if s.shape != t.shape:
             raise InputError(f"--match {name}: student shape {tuple(s.shape)} differs from the teacher's "
                              f"{tuple(t.shape)}; only tensors of equal shape can be matched")
-        value = mse_loss(s, t) * plan.match_weight
+        value = mse_loss(s, t, position_weights(mask, s)) * plan.match_weight
         parts[f"match:{name}"] = value
         total = total + value
     if labels is not None and plan.label_output is not None and plan.label_weight > 0:
