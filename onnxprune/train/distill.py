@@ -413,9 +413,7 @@ def batch_padding_mask(plan: LossPlan, inputs: Mapping[str, np.ndarray]) -> "tor
     """The batch's padding mask as a tensor, or None when the plan has none."""
     import torch
 
-    if plan.padding_mask is None or plan.padding_mask not in inputs:
-        return None
-    return torch.from_numpy(np.asarray(inputs[plan.padding_mask]))
+    return None if plan.padding_mask is None else torch.from_numpy(np.asarray(inputs[plan.padding_mask]))
 
 
 def to_tensors(feeds: Mapping[str, np.ndarray]) -> "dict[str, torch.Tensor]":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 import onnx
 
+from onnxprune.data import model_inputs
 from onnxprune.errors import InputError
 
 if TYPE_CHECKING:
@@ -171,17 +172,12 @@ def find_padding_mask(model: onnx.ModelProto) -> str | None:
     integer, boolean or float input whose name contains 'mask' (`attention_mask` of Hugging Face
     exports). Token batches padded to a common length otherwise spend part of the loss, and of
     the student's capacity, imitating the teacher on positions nobody reads."""
-    found = [i.name for i in _graph_inputs(model) if "mask" in i.name.lower() and _is_mask_shaped(i)]
+    found = [n for n in model_inputs(model) if "mask" in n.lower() and _is_mask_shaped(model, n)]
     return found[0] if len(found) == 1 else None
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    weights = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in weights]
-
-
-def _is_mask_shaped(info: onnx.ValueInfoProto) -> bool:
-    tensor = info.type.tensor_type
+def _is_mask_shaped(model: onnx.ModelProto, name: str) -> bool:
+    tensor = next(i for i in model.graph.input if i.name == name).type.tensor_type
     return tensor.elem_type in MASK_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 2
 
 
@@ -190,11 +186,10 @@ def _padding_mask(model: onnx.ModelProto, choice: str | None) -> str | None:
         return None
     if choice == "auto":
         return find_padding_mask(model)
-    info = next((i for i in _graph_inputs(model) if i.name == choice), None)
-    if info is None or not _is_mask_shaped(info):
-        names = ", ".join(i.name for i in _graph_inputs(model))
+    names = model_inputs(model)
+    if choice not in names or not _is_mask_shaped(model, choice):
         raise InputError(f"--padding-mask {choice!r}: not a (batch, positions) input of the student "
-                         f"(inputs: {names}); give one, 'auto' or 'none'")
+                         f"(inputs: {', '.join(names)}); give one, 'auto' or 'none'")
     return choice
 
 
