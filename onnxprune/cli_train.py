@@ -20,12 +20,14 @@ _OPTIONS: dict[str, tuple[dict, str]] = {
     "lr": ({"type": float}, "Adam learning rate (default 1e-3)"),
     "batch": ({"type": int}, "samples per step (default: the model's fixed batch, else 32)"),
     "loss": ({"nargs": "+", "metavar": "KIND|OUTPUT=KIND"},
-             "kl, mse or cosine for every output, or OUTPUT=KIND pairs (default auto: KL on outputs that look "
-             "like class logits, MSE elsewhere)"),
+             "kl, mse, cosine or pooled (cosine of the mean over real positions: sentence embeddings) for "
+             "every output, or OUTPUT=KIND pairs (default auto: KL on outputs that look like class logits, MSE "
+             "elsewhere)"),
     "temperature": ({"type": float}, "softmax temperature of the KL loss (default 2)"),
     "label_weight": ({"type": float, "metavar": "W"}, "weight of the cross-entropy term (default 1)"),
     "match": ({"action": "append", "metavar": "TENSOR"},
               "also match this intermediate tensor (same name and shape in both graphs) by MSE; repeatable"),
+    "match_weight": ({"type": float, "metavar": "W"}, "weight of each --match term (default 1)"),
     "padding_mask": ({"metavar": "INPUT|none"}, "input whose zeros mark padding, left out of the loss on "
                      "(batch, positions, features) outputs and --match tensors (default auto: the one rank-2 "
                      "input named like *mask*, e.g. attention_mask)"),

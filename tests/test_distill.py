@@ -318,3 +318,29 @@ def test_padded_positions_are_left_out_of_the_loss_and_the_cosine():
     assert "padding" in masked.losses and "padding" not in counted.losses
     assert masked.after["cosine"] > 0.99 and masked.after["loss"] < 0.01 < 1 < masked.before["loss"]
     assert counted.after["loss"] > 100 * masked.after["loss"] and counted.after["cosine"] < 0.9
+
+
+def _pooled_cosine(model: onnx.ModelProto, other: onnx.ModelProto, data: dict) -> float:
+    """Mean cosine of the two models' ORT outputs mean-pooled over the real positions."""
+    mask = data["attention_mask"][..., None].astype(np.float32)
+    pooled = [(session(m).run(None, data)[0] * mask).sum(1) / mask.sum(1) for m in (model, other)]
+    a, b = (p / np.linalg.norm(p, axis=1, keepdims=True) for p in pooled)
+    return float(np.sum(a * b, axis=1).mean())
+
+
+def test_pooled_loss_distills_and_evaluates_the_mean_pooled_embedding():
+    """`loss="pooled"` trains the mean over the real positions (the sentence embedding), and the
+    held-out cosine that early stopping reads is that embedding's too (checked against ORT)."""
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(4, 4)).astype(np.float32)
+    teacher = _token_encoder(weight, 0.0)
+    student = _token_encoder(weight + rng.normal(scale=0.7, size=(4, 4)).astype(np.float32), 0.0)
+    lengths = rng.integers(3, 9, 64)
+    data = {"ids": rng.integers(1, 16, (64, 8)).astype(np.int64),
+            "attention_mask": (np.arange(8) < lengths[:, None]).astype(np.int64)}
+    result = onnxprune.distill(student, teacher, data, loss="pooled", epochs=40, lr=5e-2, quiet=True)
+    history = result.history
+    assert history.losses["hidden"] == "pooled"
+    assert history.before["cosine"] == pytest.approx(_pooled_cosine(student, teacher, data), abs=1e-5)
+    assert history.after["cosine"] == pytest.approx(_pooled_cosine(result.model, teacher, data), abs=1e-5)
+    assert history.before["cosine"] < 0.95 and history.after["cosine"] > 0.999

@@ -10,7 +10,8 @@ from onnxprune.errors import InputError
 from onnxprune.train.augment import augment_batch, is_token_ids, modality, spatial_axes, swap_tokens
 from onnxprune.train.distill import DistillOptions
 from onnxprune.train.losses import (LossPlan, OutputLoss, batch_loss, cosine_loss, find_padding_mask, kl_loss,
-                                    looks_like_logits, mse_loss, parse_loss_option, plan_losses, position_weights)
+                                    looks_like_logits, mean_pool, mse_loss, parse_loss_option, plan_losses,
+                                    pooled_loss, position_weights)
 
 torch = pytest.importorskip("torch")
 
@@ -245,3 +246,42 @@ def test_only_batch_positions_features_tensors_take_the_mask():
     assert position_weights(mask, torch.zeros(2, 4, 4, 4)) is None  # rank 4: (batch, heads, ...) could match by chance
     assert position_weights(mask, torch.zeros(4, 2, 3)) is None  # time-major
     assert position_weights(None, torch.zeros(2, 4, 3)) is None
+
+
+def test_pooled_loss_compares_the_mean_of_the_real_positions():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], [[2.0, 0.0], [9.0, 9.0], [9.0, 9.0]]])
+    weights = position_weights(mask, teacher)
+    np.testing.assert_allclose(mean_pool(teacher, weights).numpy(), [[0.5, 0.5], [2.0, 0.0]])
+    np.testing.assert_allclose(mean_pool(teacher, None).numpy(), teacher.mean(1).numpy())
+    # positions swapped within a sentence, padding replaced, norm scaled: the pooled direction is unchanged
+    student = torch.stack([3 * teacher[0, [1, 0, 2]], teacher[1]])
+    student[:, 2] = -7.0
+    assert float(pooled_loss(student, teacher, weights)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_loss(student, teacher, weights)) > 0.1  # the per-position cosine sees the swap
+    opposite = -teacher  # every pooled embedding reversed: 1 - (-1) = 2
+    assert float(pooled_loss(opposite, teacher, weights)) == pytest.approx(2.0, abs=1e-6)
+    plan = LossPlan((OutputLoss("y", "pooled"),), padding_mask="attention_mask")
+    total, parts = batch_loss(plan, {"y": student}, {"y": teacher}, mask=mask)
+    assert set(parts) == {"pooled:y"} and float(total) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pooled_loss_needs_a_batch_positions_features_output():
+    assert plan_losses(_token_model("attention_mask"), loss="pooled").outputs[0].kind == "pooled"
+    assert parse_loss_option(["hidden=pooled"]) == {"hidden": "pooled"}
+    flat = _token_model()
+    flat.graph.output[0].type.tensor_type.shape.dim.pop()  # declared rank 2
+    with pytest.raises(InputError, match="--loss pooled: output hidden has rank 2"):
+        plan_losses(flat, loss="pooled")
+
+
+def test_match_weight_scales_every_matched_term():
+    plan = plan_losses(_token_model("attention_mask"), match=("a", "b"), match_weight=0.25)
+    assert plan.match_weight == 0.25
+    student = {"hidden": torch.zeros(2, 3, 4), "a": torch.ones(2, 3, 4), "b": 2 * torch.ones(2, 3, 4)}
+    teacher = {name: torch.zeros(2, 3, 4) for name in student}
+    total, parts = batch_loss(plan, student, teacher)
+    assert parts["match:a"] == pytest.approx(0.25) and parts["match:b"] == pytest.approx(1.0)
+    assert float(total) == pytest.approx(1.25)
+    with pytest.raises(InputError, match="match weight must be >= 0"):
+        plan_losses(_token_model(), match_weight=float("nan"))

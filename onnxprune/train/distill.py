@@ -26,7 +26,7 @@ from onnxprune.data import DEFAULT_BATCH, DataSource, batch_size_for, is_one_sho
 from onnxprune.errors import InputError
 from onnxprune.train import require_torch
 from onnxprune.train.augment import augment_batch, swap_tokens
-from onnxprune.train.losses import LossPlan, batch_loss, computes, plan_losses, position_weights
+from onnxprune.train.losses import LossPlan, batch_loss, computes, mean_pool, plan_losses, position_weights
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class DistillOptions:
     batch: int | None = None
     """Samples per step (default: the model's fixed batch size, else 32)."""
     loss: "str | dict[str, str]" = "auto"
-    """'auto', 'kl', 'mse', 'cosine', or {output: kind}."""
+    """'auto', 'kl', 'mse', 'cosine', 'pooled', or {output: kind} (`losses.LOSS_KINDS`)."""
     temperature: float = 2.0
     labels: str | None = None
     """Name of a labels array in the training data: adds cross-entropy on the logits output."""
@@ -55,6 +55,8 @@ class DistillOptions:
     """Name of the labels array in the evaluation data (accuracy); default: `labels`."""
     match: tuple[str, ...] = ()
     """Intermediate tensors present in both graphs, matched by mean squared error (equal shapes only)."""
+    match_weight: float = 1.0
+    """Weight of each `match` term against the output terms (weight 1)."""
     padding_mask: str | None = "auto"
     """Input whose zeros mark padding, left out of the loss on (batch, positions, features) tensors:
     'auto' (an input like `attention_mask`, see `losses.find_padding_mask`), a name, or None."""
@@ -148,7 +150,8 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
             data: DataSource, *, eval_data: DataSource | None = None, epochs: int = 10, lr: float = 1e-3,
             batch: int | None = None, loss: "str | dict[str, str]" = "auto", temperature: float = 2.0,
             labels: str | None = None, label_weight: float = 1.0, eval_labels: str | None = None,
-            match: "tuple[str, ...] | list[str]" = (), padding_mask: str | None = "auto", augment: bool = False,
+            match: "tuple[str, ...] | list[str]" = (), match_weight: float = 1.0,
+            padding_mask: str | None = "auto", augment: bool = False,
             token_swap: float = 0.0, patience: int = 3, freeze_bn: bool = False,
             freeze: "tuple[str, ...] | list[str]" = (), seed: int = 0, max_minutes: float | None = None,
             quiet: bool = False) -> DistillResult:
@@ -161,7 +164,7 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
     """
     options = DistillOptions(epochs=epochs, lr=lr, batch=batch, loss=loss, temperature=temperature, labels=labels,
                              label_weight=label_weight, eval_labels=eval_labels, match=tuple(match),
-                             padding_mask=padding_mask, augment=augment, token_swap=token_swap, patience=patience,
+                             match_weight=match_weight, padding_mask=padding_mask, augment=augment, token_swap=token_swap, patience=patience,
                              freeze_bn=freeze_bn, freeze=tuple(freeze), seed=seed, max_minutes=max_minutes, quiet=quiet)
     from onnxprune.ir import load_model
 
@@ -249,7 +252,7 @@ class _Trainer:
         self.batch = _batch_size(student, options.batch)
         self.fixed_batch = batch_size_for(student, default=0) != 0  # ORT would refuse a short last batch
         self.plan = plan_losses(student, options.loss, options.temperature, options.match, options.labels is not None,
-                                options.label_weight, teacher, options.padding_mask)
+                                options.label_weight, teacher, options.padding_mask, options.match_weight)
         self.graph = TrainableGraph(student)
         self.trainable = trainable_names(self.graph.roles, options)
         if not self.trainable:
@@ -382,7 +385,7 @@ def _loss_names(plan: LossPlan, labels: str | None) -> dict[str, str]:
     """How the history names each loss term: `{"logits": "kl (T=2) + cross-entropy on 'label'"}`."""
     names = {t.name: t.kind + (f" (T={plan.temperature:g})" if t.kind == "kl" else "") for t in plan.outputs}
     for name in plan.match:
-        names[name] = "mse (matched tensor)"
+        names[name] = "mse (matched tensor" + (f", weight {plan.match_weight:g})" if plan.match_weight != 1 else ")")
     if plan.label_output is not None:
         names[plan.label_output] += f" + cross-entropy on {labels!r}"
     if plan.padding_mask is not None:
@@ -467,6 +470,7 @@ class Evaluation:
         kl = [t.name for t in plan.outputs if t.kind == "kl"]
         self.output = kl[0] if kl else plan.outputs[0].name
         self.classes = bool(kl)
+        self.pooled = not kl and plan.outputs[0].kind == "pooled"
 
     def metric(self, figures: dict[str, float]) -> str:
         return "accuracy" if "accuracy" in figures else "agreement" if self.classes else "cosine"
@@ -489,7 +493,9 @@ class Evaluation:
                 n = s.shape[0] if s.ndim else 1
                 totals["loss"] += float(loss) * n
                 weights = position_weights(mask, student[self.output])
-                if weights is not None:  # the cosine of the real positions only
+                if self.pooled:  # the cosine of the pooled embeddings, as the loss compares them
+                    s, t = (mean_pool(torch.from_numpy(x), weights).numpy() for x in (s, t))
+                elif weights is not None:  # the cosine of the real positions only
                     s, t = s * weights.numpy()[..., None], t * weights.numpy()[..., None]
                 s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
                 if self.classes:  # per sample: the fraction of its class positions where the arg-max agrees

@@ -21,9 +21,11 @@ from onnxprune.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-LOSS_KINDS = ("kl", "mse", "cosine")
+LOSS_KINDS = ("kl", "mse", "cosine", "pooled")
 """kl: KL divergence of temperature-softened class distributions; mse: mean squared error;
-cosine: 1 - cosine similarity along the last axis."""
+cosine: 1 - cosine similarity along the last axis; pooled: 1 - cosine similarity of the mean over
+the real positions of a (batch, positions, features) output (a mean-pooling sentence encoder's
+embedding)."""
 
 LOGIT_PRODUCERS = {"Gemm", "MatMul", "Add", "Softmax", "LogSoftmax"}
 """Ops whose rank-2 output is taken for class scores: a linear layer (with or without a separate
@@ -131,13 +133,15 @@ def _rank(model: onnx.ModelProto, output: str) -> int:
 
 def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto", temperature: float = 2.0,
                 match: "tuple[str, ...] | list[str]" = (), labels: bool = False, label_weight: float = 1.0,
-                teacher: onnx.ModelProto | None = None, padding_mask: str | None = "auto") -> LossPlan:
+                teacher: onnx.ModelProto | None = None, padding_mask: str | None = "auto",
+                match_weight: float = 1.0) -> LossPlan:
     """Choose each float output's loss (integer outputs, e.g. an arg-max, carry no gradient and are
     left out). `loss`: 'auto' (KL where `looks_like_logits`, MSE elsewhere),
     one kind for every output, or `{output: kind}` (outputs not named get 'auto'). With `labels`,
     cross-entropy applies to the first output that looks like logits (refused when none does).
     A softmax output is distilled through its input when `teacher` (default: `model`) computes a
-    tensor of the same name. `padding_mask`: 'auto' (`find_padding_mask`), an input name, or None."""
+    tensor of the same name. `padding_mask`: 'auto' (`find_padding_mask`), an input name, or None.
+    `match_weight` scales every `match` term."""
     if temperature <= 0 or not np.isfinite(temperature):
         raise InputError(f"temperature must be a positive number, got {temperature:g}")
     names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
@@ -150,6 +154,9 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
         logits = looks_like_logits(model, name)
         if kind == "auto":
             kind = "kl" if logits else "mse"
+        if kind == "pooled" and _rank(model, name) != 3:
+            raise InputError(f"--loss pooled: output {name} has rank {_rank(model, name)}; pooling needs a "
+                             "(batch, positions, features) output")
         probabilities = kind == "kl" and producer_op(model, name) == "Softmax"
         pre_softmax = softmax_input(model, name) if probabilities else None
         if pre_softmax is not None and not computes(teacher or model, pre_softmax):
@@ -161,10 +168,11 @@ def plan_losses(model: onnx.ModelProto, loss: "str | Mapping[str, str]" = "auto"
         if label_output is None:
             raise InputError("labels given but no output looks like class logits (a float [batch, classes] output "
                              "of a linear layer or softmax); cross-entropy needs one")
-    if label_weight < 0 or not np.isfinite(label_weight):
-        raise InputError(f"label weight must be >= 0, got {label_weight:g}")
+    for what, weight in (("label", label_weight), ("match", match_weight)):
+        if weight < 0 or not np.isfinite(weight):
+            raise InputError(f"{what} weight must be >= 0, got {weight:g}")
     return LossPlan(tuple(outputs), float(temperature), tuple(match), label_output, float(label_weight),
-                    padding_mask=_padding_mask(model, padding_mask))
+                    float(match_weight), padding_mask=_padding_mask(model, padding_mask))
 
 
 def find_padding_mask(model: onnx.ModelProto) -> str | None:
@@ -260,6 +268,21 @@ def cosine_loss(student: "torch.Tensor", teacher: "torch.Tensor", weights: "torc
     return weighted_mean(1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8), weights)
 
 
+def pooled_loss(student: "torch.Tensor", teacher: "torch.Tensor", weights: "torch.Tensor | None" = None
+                ) -> "torch.Tensor":
+    """1 - cosine similarity of the (batch, positions, features) tensors averaged over their real
+    positions: the embedding a mean-pooling encoder's users compare, rather than each position's."""
+    return cosine_loss(mean_pool(student, weights), mean_pool(teacher, weights))
+
+
+def mean_pool(tensor: "torch.Tensor", weights: "torch.Tensor | None") -> "torch.Tensor":
+    """(batch, features): the mean of a (batch, positions, features) tensor over the positions
+    `weights` keeps (every position without weights)."""
+    if weights is None:
+        return tensor.mean(1)
+    return (tensor * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+
+
 def position_weights(mask: "torch.Tensor | None", tensor: "torch.Tensor") -> "torch.Tensor | None":
     """1 for the real positions of a (batch, positions, features) tensor, 0 for padding, or None
     (every element counts) when there is no mask or `tensor` is not laid out like it. Rank 3 only:
@@ -298,6 +321,8 @@ def output_loss(term: OutputLoss, student: "torch.Tensor", teacher: "torch.Tenso
         return kl_loss(student, teacher, temperature, term.probabilities and not term.logits, weights)
     if term.kind == "cosine":
         return cosine_loss(student, teacher, weights)
+    if term.kind == "pooled":
+        return pooled_loss(student, teacher, weights)
     return mse_loss(student, teacher, weights)
 
 
