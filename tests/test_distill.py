@@ -301,6 +301,13 @@ def _token_encoder(weight: np.ndarray, pad_offset: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _token_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """64 sequences of 3 to 8 real tokens, padded to 8."""
+    lengths = rng.integers(3, 9, 64)
+    return {"ids": rng.integers(1, 16, (64, 8)).astype(np.int64),
+            "attention_mask": (np.arange(8) < lengths[:, None]).astype(np.int64)}
+
+
 def test_padded_positions_are_left_out_of_the_loss_and_the_cosine():
     """The student cannot imitate the teacher on padding (its offset there is frozen): with the
     attention mask found automatically, it still matches the real positions exactly; counting
@@ -309,9 +316,7 @@ def test_padded_positions_are_left_out_of_the_loss_and_the_cosine():
     weight = rng.normal(size=(4, 4)).astype(np.float32)
     teacher = _token_encoder(weight, 0.0)
     student = _token_encoder(weight + rng.normal(scale=0.5, size=(4, 4)).astype(np.float32), 3.0)
-    lengths = rng.integers(3, 9, 64)
-    data = {"ids": rng.integers(1, 16, (64, 8)).astype(np.int64),
-            "attention_mask": (np.arange(8) < lengths[:, None]).astype(np.int64)}
+    data = _token_batch(rng)
     options = dict(epochs=40, lr=5e-2, quiet=True, freeze=["pad_offset"])
     masked = onnxprune.distill(student, teacher, data, **options).history
     counted = onnxprune.distill(student, teacher, data, padding_mask=None, **options).history
@@ -335,9 +340,7 @@ def test_pooled_loss_distills_and_evaluates_the_mean_pooled_embedding():
     weight = rng.normal(size=(4, 4)).astype(np.float32)
     teacher = _token_encoder(weight, 0.0)
     student = _token_encoder(weight + rng.normal(scale=0.7, size=(4, 4)).astype(np.float32), 0.0)
-    lengths = rng.integers(3, 9, 64)
-    data = {"ids": rng.integers(1, 16, (64, 8)).astype(np.int64),
-            "attention_mask": (np.arange(8) < lengths[:, None]).astype(np.int64)}
+    data = _token_batch(rng)
     result = onnxprune.distill(student, teacher, data, loss="pooled", epochs=40, lr=5e-2, quiet=True)
     history = result.history
     assert history.losses["hidden"] == "pooled"

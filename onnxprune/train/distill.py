@@ -164,8 +164,9 @@ def distill(student: "str | os.PathLike[str] | onnx.ModelProto", teacher: "str |
     """
     options = DistillOptions(epochs=epochs, lr=lr, batch=batch, loss=loss, temperature=temperature, labels=labels,
                              label_weight=label_weight, eval_labels=eval_labels, match=tuple(match),
-                             match_weight=match_weight, padding_mask=padding_mask, augment=augment, token_swap=token_swap, patience=patience,
-                             freeze_bn=freeze_bn, freeze=tuple(freeze), seed=seed, max_minutes=max_minutes, quiet=quiet)
+                             match_weight=match_weight, padding_mask=padding_mask, augment=augment,
+                             token_swap=token_swap, patience=patience, freeze_bn=freeze_bn, freeze=tuple(freeze),
+                             seed=seed, max_minutes=max_minutes, quiet=quiet)
     from onnxprune.ir import load_model
 
     student_proto, teacher_proto = load_model(student), load_model(teacher)
