@@ -9,7 +9,7 @@ from calib_models import conv_chain
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 from onnxprune.importance import score_groups
-from onnxprune.passes.stats import RowSource, Statistics, collect, conv_patches, expose_outputs
+from onnxprune.passes.stats import RowSource, Statistics, collect, conv_patches, expose_outputs, outputs_only
 from onnxprune.verify import session
 
 
@@ -25,6 +25,35 @@ def images():
 
 def _relu_output(model):
     return next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+
+
+def test_outputs_only_keeps_the_nodes_a_tensor_needs_and_its_values(model, images):
+    name = _relu_output(model)
+    cut = outputs_only(model, [name])
+    assert [o.name for o in cut.graph.output] == [name]
+    upstream = [n.op_type for n in model.graph.node][:[n.output[0] for n in model.graph.node].index(name) + 1]
+    assert [n.op_type for n in cut.graph.node] == upstream and len(cut.graph.node) < len(model.graph.node)
+    assert {t.name for t in cut.graph.initializer} <= {i for n in cut.graph.node for i in n.input}
+    full = session(expose_outputs(model, [name])).run([name], {"x": images})[0]
+    np.testing.assert_array_equal(session(cut).run(None, {"x": images})[0], full)
+
+
+def test_outputs_only_keeps_what_an_if_branch_reads_from_outside():
+    from onnx import TensorProto, helper
+
+    branch = helper.make_graph([helper.make_node("Relu", ["scaled"], ["r"])], "then", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Mul", ["x", "two"], ["scaled"]),  # read by the branch only
+             helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch),
+             helper.make_node("Neg", ["picked"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])])
+    cut = outputs_only(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["picked"])
+    assert [n.op_type for n in cut.graph.node] == ["Mul", "If"] and [t.name for t in cut.graph.initializer] == ["two"]
+    x = np.array([-1.0, 0.5, 2.0], np.float32)
+    np.testing.assert_array_equal(session(cut).run(None, {"x": x, "flag": np.array(True)})[0], np.maximum(2 * x, 0))
 
 
 def test_activation_and_apoz_scores_equal_numpy_on_the_same_tensors(model, images):

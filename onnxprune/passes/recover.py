@@ -270,12 +270,13 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
     """Re-fit each consumer in graph order on the *pruned* model's inputs to it (the inputs it will
     see), against the original model's outputs: later layers also absorb what earlier fits could not.
 
-    One pass over `data` per consumer; memory is the consumer's Gram matrices, as for `lstsq`.
+    One pass over `data` per consumer, through the layers up to it only; memory is the consumer's
+    Gram matrices, as for `lstsq`.
     """
     from onnxprune.data import batch_size_for, iter_batches, model_inputs
     from onnxprune.ir import opset_version
     from onnxprune.ops import NodeView
-    from onnxprune.passes.stats import expose_outputs
+    from onnxprune.passes.stats import outputs_only
     from onnxprune.progress import progress
     from onnxprune.verify import session
 
@@ -283,8 +284,6 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
     nodes = {n.name: n for n in graph.nodes}
     position = {name: k for k, name in enumerate(nodes)}
     names, opset = model_inputs(original), opset_version(original)
-    # Fits never rewire a layer's input, so one session of the original serves every layer.
-    run_o = session(expose_outputs(original, sorted({nodes[f.node].inputs[0].name for f in fits})))
     for fit in progress(sorted(fits, key=lambda f: position[f.node]), "sequential re-fit", quiet, unit="layer"):
         node = nodes[fit.node]
         x = node.inputs[0].name
@@ -292,7 +291,8 @@ def sequential_refit(graph: gs.Graph, original: onnx.ModelProto, fits: list[Fit]
         pruned.ir_version = original.ir_version
         del pruned.opset_import[:]
         pruned.opset_import.extend(original.opset_import)
-        run_p = session(expose_outputs(pruned, [x]))
+        # both models run only up to the layer's input (fits never rewire it: same name in both)
+        run_p, run_o = session(outputs_only(pruned, [x])), session(outputs_only(original, [x]))
         src = RowSource.of(NodeView(node, {t.name: t for t in (*node.inputs, *node.outputs)}, opset))
         own, cross, count = None, None, 0.0
         for batch in iter_batches(data, names, batch_size_for(original)):

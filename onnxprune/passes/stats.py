@@ -310,6 +310,45 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
+def outputs_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose graph outputs are exactly `names`, keeping only the nodes they
+    depend on: a layer-by-layer pass then runs the layers up to the one it reads, not the whole
+    graph. Graph inputs all stay (callers feed every input); unused initializers go."""
+    exposed = expose_outputs(model, names)
+    wanted = set(names)
+    outputs = {o.name: o for o in exposed.graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(exposed.graph.node):
+        if wanted.intersection(node.output):
+            keep.append(node)
+            wanted.update(_reads(node))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(exposed)
+    del copy.graph.node[:], copy.graph.output[:]
+    copy.graph.node.extend(reversed(keep))
+    copy.graph.output.extend(outputs[n] for n in dict.fromkeys(names))
+    made = {name for node in keep for name in node.output}
+    kept_info = [v for v in exposed.graph.value_info if v.name in made]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(kept_info)
+    inputs = {i.name for i in copy.graph.input}
+    used = [t for t in exposed.graph.initializer if t.name in wanted or t.name in inputs]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(used)
+    return copy
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name `node` reads: its inputs and, through If/Loop/Scan bodies, the outer-scope
+    names its subgraphs use (an over-approximation: names a body defines itself count too)."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names - {""}
+
+
 @dataclass
 class Recipe:
     """What a statistics run exposes and sums: small and picklable, so a worker on another machine
