@@ -268,7 +268,8 @@ def test_pooled_loss_compares_the_mean_of_the_real_positions():
 
 def test_pooled_loss_needs_a_batch_positions_features_output():
     assert plan_losses(_token_model("attention_mask"), loss="pooled").outputs[0].kind == "pooled"
-    assert parse_loss_option(["hidden=pooled"]) == {"hidden": "pooled"}
+    by_name = plan_losses(_token_model(), loss=parse_loss_option(["hidden=pooled"]))  # the CLI's OUTPUT=KIND form
+    assert by_name.outputs[0].kind == "pooled"
     flat = _token_model()
     flat.graph.output[0].type.tensor_type.shape.dim.pop()  # declared rank 2
     with pytest.raises(InputError, match="--loss pooled: output hidden has rank 2"):
