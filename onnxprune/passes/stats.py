@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from onnxprune.data import DataSource, batch_size_for, count_samples, iter_batches, model_inputs
 from onnxprune.errors import InputError
-from onnxprune.ir import atomic_write_bytes
+from onnxprune.ir import atomic_write_bytes, nested_graphs
 from onnxprune.ops import Slot
 from onnxprune.ops.base import per_element
 from onnxprune.passes.dependency import Analysis
@@ -311,41 +311,38 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def outputs_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model whose graph outputs are exactly `names`, keeping only the nodes they
-    depend on: a layer-by-layer pass then runs the layers up to the one it reads, not the whole
-    graph. Graph inputs all stay (callers feed every input); unused initializers go."""
-    exposed = expose_outputs(model, names)
-    wanted = set(names)
-    outputs = {o.name: o for o in exposed.graph.output}
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(exposed.graph.node):
-        if wanted.intersection(node.output):
-            keep.append(node)
-            wanted.update(_reads(node))
-    copy = onnx.ModelProto()
-    copy.CopyFrom(exposed)
-    del copy.graph.node[:], copy.graph.output[:]
-    copy.graph.node.extend(reversed(keep))
-    copy.graph.output.extend(outputs[n] for n in dict.fromkeys(names))
-    made = {name for node in keep for name in node.output}
-    kept_info = [v for v in exposed.graph.value_info if v.name in made]
-    del copy.graph.value_info[:]
-    copy.graph.value_info.extend(kept_info)
-    inputs = {i.name for i in copy.graph.input}
-    used = [t for t in exposed.graph.initializer if t.name in wanted or t.name in inputs]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(used)
-    return copy
+    """A copy of the model whose graph outputs are `names` and nothing else, with only the nodes
+    they depend on: a layer-by-layer pass then runs the layers up to the one it reads, not the
+    whole graph. Graph inputs all stay (callers feed every input); unused initializers go."""
+    cut = expose_outputs(model, names)  # already a copy: trimmed in place, weights not copied again
+    graph, wanted, needed = cut.graph, set(names), set()
+    for k in reversed(range(len(graph.node))):
+        if wanted.intersection(graph.node[k].output):
+            needed.add(k)
+            wanted.update(_reads(graph.node[k]))
+    made = {name for k in needed for name in graph.node[k].output}
+    inputs = {i.name for i in graph.input}
+    _keep_only(graph.node, lambda k, _: k in needed)
+    _keep_only(graph.value_info, lambda _, v: v.name in made)
+    _keep_only(graph.initializer, lambda _, t: t.name in wanted or t.name in inputs)
+    _keep_only(graph.output, lambda _, o: o.name in names)
+    return cut
+
+
+def _keep_only(field, keep) -> None:
+    """Delete, in place, the items of a repeated protobuf field for which `keep(index, item)` is false."""
+    for k in reversed(range(len(field))):
+        if not keep(k, field[k]):
+            del field[k]
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name `node` reads: its inputs and, through If/Loop/Scan bodies, the outer-scope
-    names its subgraphs use (an over-approximation: names a body defines itself count too)."""
+    """Every tensor name `node` reads: its inputs and, through If/Loop/Scan bodies at any depth, the
+    outer-scope names its subgraphs use (an over-approximation: names a body defines count too)."""
     names = set(node.input)
     for attr in node.attribute:
-        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in graph.node:
-                names |= _reads(inner)
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+            names.update(name for g in (sub, *nested_graphs(sub)) for inner in g.node for name in inner.input)
     return names - {""}
 
 
